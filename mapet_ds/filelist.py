@@ -1,0 +1,141 @@
+"""File lists: the one description of a dataset that every stage shares.
+
+Format (UTF-8 text, one image per line, deterministic order)::
+
+    # optional comment lines
+    n01440764/n01440764_10026.JPEG\t0
+    n01440764/n01440764_10027.JPEG\t0
+
+Each line is ``<path relative to the root>\t<class index>``. The *sample id* of an
+image is its 0-based line number among the non-comment lines; token stores, DALI
+readers (which emit the sample id as their "label") and class-label lookups all
+index by it. The root is the list file's directory unless given explicitly. An
+optional ``classes.txt`` beside the list names class ``i`` on line ``i``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+
+class FileListError(ValueError):
+    """A file list is missing, empty, malformed, or names files that do not exist."""
+
+
+@dataclass
+class FileList:
+    """An ordered list of images with class labels; index = sample id."""
+
+    list_path: Path
+    root: Path
+    paths: list[str]
+    labels: list[int]
+    classes: list[str] | None = None
+    _digest: str | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def abspath(self, sample_id: int) -> str:
+        return os.path.join(self.root, self.paths[sample_id])
+
+    def abspaths(self) -> list[str]:
+        return [os.path.join(self.root, p) for p in self.paths]
+
+    @property
+    def num_classes(self) -> int:
+        if self.classes is not None:
+            return len(self.classes)
+        return (max(self.labels) + 1) if self.labels else 0
+
+    def digest(self) -> str:
+        """sha256 over (relative path, label) lines: identifies the image set and order."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for p, y in zip(self.paths, self.labels):
+                h.update(f"{p}\t{y}\n".encode())
+            self._digest = h.hexdigest()
+        return self._digest
+
+    def check_exists(self, limit: int = 5) -> None:
+        """Raise FileListError naming the first missing files (list drifted from disk)."""
+        missing = [p for p in self.paths if not os.path.isfile(os.path.join(self.root, p))]
+        if missing:
+            shown = ", ".join(missing[:limit]) + (" ..." if len(missing) > limit else "")
+            raise FileListError(
+                f"{self.list_path}: {len(missing)} listed file(s) do not exist under {self.root}: "
+                f"{shown} (re-run data/make_filelist.py or data/scan.py to refresh the list)"
+            )
+
+
+def read_filelist(path: str | os.PathLike, root: str | os.PathLike | None = None) -> FileList:
+    """Read a file list; errors name the file and line and say how to fix them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileListError(f"file list {path} does not exist (make one with data/make_filelist.py)")
+    root_dir = Path(root) if root is not None else path.parent
+    if not root_dir.is_dir():
+        raise FileListError(f"image root {root_dir} for file list {path} is not a directory (set data.root)")
+    paths: list[str] = []
+    labels: list[int] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            parts = line.rsplit("\t", 1) if "\t" in line else line.rsplit(None, 1)
+            if len(parts) != 2:
+                raise FileListError(f"{path}:{lineno}: expected '<relative path>\\t<class index>', got {line!r}")
+            rel, lab = parts
+            try:
+                y = int(lab)
+            except ValueError:
+                raise FileListError(f"{path}:{lineno}: class index {lab!r} is not an integer") from None
+            if y < 0:
+                raise FileListError(f"{path}:{lineno}: class index {y} is negative")
+            paths.append(rel.strip())
+            labels.append(y)
+    if not paths:
+        raise FileListError(f"file list {path} is empty (no image lines): check the dataset folder it was made from")
+    classes = None
+    classes_path = path.parent / "classes.txt"
+    if classes_path.is_file():
+        classes = [c.strip() for c in classes_path.read_text(encoding="utf-8").splitlines() if c.strip()]
+        if labels and max(labels) >= len(classes):
+            raise FileListError(
+                f"{path}: class index {max(labels)} but {classes_path} names only {len(classes)} classes"
+            )
+    return FileList(list_path=path, root=root_dir, paths=paths, labels=labels, classes=classes)
+
+
+def write_filelist(
+    path: str | os.PathLike,
+    entries: Iterable[tuple[str, int]],
+    classes: Sequence[str] | None = None,
+) -> Path:
+    """Write ``entries`` (relative path, class index) atomically; optionally classes.txt beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rel, y in entries:
+            if "\t" in rel or "\n" in rel:
+                raise FileListError(f"path {rel!r} contains a tab or newline; rename the file")
+            f.write(f"{rel}\t{int(y)}\n")
+    os.replace(tmp, path)
+    if classes is not None:
+        ctmp = path.parent / "classes.txt.tmp"
+        ctmp.write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
+        os.replace(ctmp, path.parent / "classes.txt")
+    return path
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> range:
+    """Contiguous shard of ``range(n)`` for ``rank`` the way DALI's reader splits it."""
+    start = (n * rank) // world_size
+    end = (n * (rank + 1)) // world_size
+    return range(start, end)

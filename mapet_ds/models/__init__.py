@@ -1,0 +1,1 @@
+"""Models: timm ViT backbone, two-stream MaPeT/PeT, BEiT-style MIM, classifier."""

@@ -1,0 +1,206 @@
+"""Objective plans: which patches are context / predicted, in which order.
+
+A *plan* is sampled per batch on the training device (no CPU data-loader work, no
+per-sample Python loops) or passed in explicitly so a test can fix the permutation.
+
+Patch indices here are 0..N-1 over the patch grid in row-major order (the order of a
+flattened conv patch embedding); the CLS token is not a patch and always has rank 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+ObjectiveName = Literal["mapet", "pet", "mim"]
+
+
+@dataclass
+class Plan:
+    """What one batch predicts.
+
+    kind: "mapet" | "pet" | "mim".
+    predicted: int64 [B, m] patch indices to predict, sorted by spatial index.
+    rank: int64 [B, N] permutation step of each patch, a permutation of 1..N per row
+        (mapet/pet; None for mim). Patches with rank <= N - m are context.
+    """
+
+    kind: ObjectiveName
+    predicted: torch.Tensor
+    rank: Optional[torch.Tensor] = None
+
+    @property
+    def num_predicted(self) -> int:
+        return self.predicted.shape[1]
+
+    def to(self, device: torch.device | str) -> "Plan":
+        return Plan(
+            self.kind,
+            self.predicted.to(device),
+            None if self.rank is None else self.rank.to(device),
+        )
+
+
+def _predicted_from_flags(flags: torch.Tensor, m: int) -> torch.Tensor:
+    """flags: bool [B, N] with exactly m True per row -> int64 [B, m] sorted indices."""
+    n = flags.shape[1]
+    idx = torch.arange(n, device=flags.device).expand_as(flags)
+    # non-flagged positions sort to the end; nonzero() would need a host sync for its size
+    keyed = torch.where(flags, idx, idx + n)
+    return keyed.sort(dim=1).values[:, :m]
+
+
+def plan_from_rank(kind: ObjectiveName, rank: torch.Tensor, num_predicted: int) -> Plan:
+    """Build a mapet/pet plan from explicit ranks.
+
+    rank: int64 [B, N], each row a permutation of 1..N (CLS is step 0).
+    """
+    n = rank.shape[1]
+    flags = rank > (n - num_predicted)
+    return Plan(kind, _predicted_from_flags(flags, num_predicted), rank)
+
+
+def sample_permutation_plan(
+    kind: ObjectiveName,
+    batch_size: int,
+    num_patches: int,
+    num_predicted: int,
+    *,
+    device: torch.device | str = "cpu",
+    generator: Optional[torch.Generator] = None,
+) -> Plan:
+    """Uniform random permutation of the patches per sample (METHOD.md section 2)."""
+    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
+    order = noise.argsort(dim=1)  # order[b, s] = patch at step s + 1
+    steps = torch.arange(1, num_patches + 1, device=device).expand(batch_size, -1)
+    rank = torch.empty_like(order).scatter_(1, order, steps)
+    return plan_from_rank(kind, rank, num_predicted)
+
+
+def sample_block_mask(
+    batch_size: int,
+    grid: int,
+    num_masked: int,
+    *,
+    min_block: int = 16,
+    max_block: Optional[int] = None,
+    min_aspect: float = 0.3,
+    max_rounds: int = 64,
+    device: torch.device | str = "cpu",
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """BEiT block-wise masking, batched on the device.
+
+    Each round every unfinished sample proposes one rectangle (area uniform in
+    [min_block, max_block], log-uniform aspect in [min_aspect, 1/min_aspect]) and keeps
+    it if it adds 1..(remaining) new patches, as in BEiT's generator. A sample that
+    still misses patches after ``max_rounds`` is topped up with random patches so that
+    every row has exactly ``num_masked`` (a fixed m keeps the batch rectangular).
+
+    Returns bool [B, grid*grid], True = masked, exactly num_masked per row.
+    """
+    gh = gw = grid
+    n = gh * gw
+    max_block = max_block or num_masked
+    mask = torch.zeros(batch_size, gh, gw, dtype=torch.bool, device=device)
+    ys = torch.arange(gh, device=device).view(1, gh, 1)
+    xs = torch.arange(gw, device=device).view(1, 1, gw)
+    log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
+
+    def u(*shape):
+        return torch.rand(*shape, device=device, generator=generator)
+
+    for _ in range(max_rounds):
+        count = mask.flatten(1).sum(1)
+        remaining = num_masked - count
+        upper = torch.clamp(remaining, max=max_block).float()
+        target = min_block + u(batch_size) * (upper - min_block).clamp(min=0)
+        aspect = torch.exp(log_lo + u(batch_size) * (log_hi - log_lo))
+        h = torch.round(torch.sqrt(target * aspect)).long().clamp(1, gh)
+        w = torch.round(torch.sqrt(target / aspect)).long().clamp(1, gw)
+        top = (u(batch_size) * (gh - h + 1).float()).long()
+        left = (u(batch_size) * (gw - w + 1).float()).long()
+        block = (
+            (ys >= top.view(-1, 1, 1)) & (ys < (top + h).view(-1, 1, 1))
+            & (xs >= left.view(-1, 1, 1)) & (xs < (left + w).view(-1, 1, 1))
+        )
+        new = (block & ~mask).flatten(1).sum(1)
+        accept = (new > 0) & (new <= remaining)
+        mask |= block & accept.view(-1, 1, 1)
+    mask = mask.flatten(1)
+    # top up (or, never in practice, trim) to exactly num_masked with random patches
+    noise = u(batch_size, n)
+    score = mask.float() * 2.0 + noise  # masked first, then random order
+    keep = score.argsort(dim=1, descending=True)[:, :num_masked]
+    out = torch.zeros_like(mask)
+    out.scatter_(1, keep, True)
+    return out
+
+
+def sample_plan(
+    kind: ObjectiveName,
+    batch_size: int,
+    grid: int,
+    num_predicted: int,
+    *,
+    min_block: int = 16,
+    max_block: Optional[int] = None,
+    min_aspect: float = 0.3,
+    device: torch.device | str = "cpu",
+    generator: Optional[torch.Generator] = None,
+) -> Plan:
+    """Sample a plan for a batch. num_predicted is m (mapet/pet) or the masked count (mim)."""
+    n = grid * grid
+    if kind == "mim":
+        flags = sample_block_mask(
+            batch_size, grid, num_predicted, min_block=min_block, max_block=max_block,
+            min_aspect=min_aspect, device=device, generator=generator,
+        )
+        return Plan("mim", _predicted_from_flags(flags, num_predicted))
+    return sample_permutation_plan(kind, batch_size, n, num_predicted, device=device, generator=generator)
+
+
+def attention_mask(plan: Plan) -> torch.Tensor:
+    """Two-stream attention mask for mapet/pet (METHOD.md section 2), True = may attend.
+
+    Query rows are [content stream; query stream], keys are the content stream:
+      mapet: content = [CLS, x_1..x_N, a_P] (1+N+m), rows = content + m query rows
+      pet:   content = [CLS, x_1..x_N]      (1+N),   rows = content + m query rows
+
+    Every rule of METHOD.md reduces to one threshold T per row: a row may attend to x_k
+    iff rank(k) <= T and to a_q iff rank(q) > T, with
+      context content row / aux row: T = N - m      (all context x, every a_q)
+      predicted content row r:       T = rank(r)    (itself and earlier; later a_q)
+      query row p:                   T = rank(p)-1  (strictly earlier x; a_q from p on)
+
+    Returns bool [B, 1, L_rows, L_keys], broadcast over heads.
+    """
+    if plan.rank is None:
+        raise ValueError("attention_mask needs a permutation plan (mapet or pet), got mim")
+    rank = plan.rank
+    b, n = rank.shape
+    m = plan.num_predicted
+    n_ctx = n - m
+    rank_x = torch.cat([rank.new_zeros(b, 1), rank], dim=1)  # [B, 1+N], CLS = 0
+    rank_p = rank.gather(1, plan.predicted)  # [B, m]
+    t_content = rank_x.clamp(min=n_ctx)  # context rows -> N-m, predicted rows -> own rank
+    t_query = rank_p - 1
+    if plan.kind == "mapet":
+        t_aux = torch.full_like(rank_p, n_ctx)
+        t = torch.cat([t_content, t_aux, t_query], dim=1)  # [B, 1+N+2m]
+        keys = torch.cat([rank_x, rank_p], dim=1)  # [B, 1+N+m]
+        is_aux = torch.zeros(1 + n + m, dtype=torch.bool, device=rank.device)
+        is_aux[1 + n:] = True
+    elif plan.kind == "pet":
+        t = torch.cat([t_content, t_query], dim=1)  # [B, 1+N+m]
+        keys = rank_x
+        is_aux = torch.zeros(1 + n, dtype=torch.bool, device=rank.device)
+    else:
+        raise ValueError(f"unknown permutation objective {plan.kind!r}")
+    t = t.unsqueeze(2)
+    keys = keys.unsqueeze(1)
+    allowed = torch.where(is_aux.view(1, 1, -1), keys > t, keys <= t)
+    return allowed.unsqueeze(1)

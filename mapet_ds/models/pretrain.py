@@ -1,0 +1,127 @@
+"""Pre-training model: ViT backbone + objective + visual-token head.
+
+One module runs the three objectives on the same backbone so that a comparison
+changes nothing but the objective:
+
+- ``mapet``: two streams; content = real patches + auxiliary position tokens a_p,
+  query stream starts from a_p (METHOD.md 2).
+- ``pet``:   two streams without the a_p tokens in the content stream.
+- ``mim``:   BEiT; masked patch embeddings replaced by ``mask_token``, one stream.
+
+``mask_token`` is the one learned vector of METHOD.md (a_p = mask_token + pos_embed[p]
+for mapet/pet, the [MASK] embedding for mim).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mapet_ds.config import ModelConfig, ObjectiveConfig
+from mapet_ds.models.objectives import Plan, attention_mask, sample_plan
+from mapet_ds.models.two_stream import two_stream_block
+from mapet_ds.models.vit import build_backbone
+
+
+class PretrainModel(nn.Module):
+    """images [B,3,H,W] + target tokens [B,N] + plan -> loss, token accuracy, logits [B,m,V]."""
+
+    def __init__(self, model_cfg: ModelConfig, objective_cfg: ObjectiveConfig, vocab_size: int):
+        super().__init__()
+        self.model_cfg = model_cfg
+        self.objective_cfg = objective_cfg
+        self.objective = objective_cfg.name
+        self.vocab_size = vocab_size
+        self.backbone = build_backbone(model_cfg)
+        self.backbone.set_grad_checkpointing(False)  # we checkpoint our own block loop
+        self.grad_checkpointing = model_cfg.grad_checkpointing
+        d = model_cfg.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.lm_head = nn.Linear(d, vocab_size)
+        trunc_normal_(self.mask_token, std=0.02)
+        trunc_normal_(self.lm_head.weight, std=0.02)
+        nn.init.zeros_(self.lm_head.bias)
+
+    @property
+    def grid(self) -> int:
+        return self.model_cfg.grid
+
+    @property
+    def num_predicted(self) -> int:
+        return self.objective_cfg.num_predicted(self.model_cfg.num_patches)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"} | {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def sample_plan(
+        self, batch_size: int, device: torch.device | str, generator: Optional[torch.Generator] = None
+    ) -> Plan:
+        o = self.objective_cfg
+        return sample_plan(
+            self.objective, batch_size, self.grid, self.num_predicted,
+            min_block=o.min_block_patches, max_block=o.max_block_patches, min_aspect=o.min_aspect,
+            device=device, generator=generator,
+        )
+
+    def embed(self, images: torch.Tensor, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """images [B,3,H,W], masked bool [B,N] or None -> tokens [B, 1+N, D] with positions."""
+        bb = self.backbone
+        x = bb.patch_embed(images)  # [B, N, D]
+        if masked is not None:
+            x = torch.where(masked.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = torch.cat([bb.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return bb.pos_drop(x + bb.pos_embed)
+
+    def _run_blocks(self, z: torch.Tensor, num_keys: Optional[int], mask: Optional[torch.Tensor]) -> torch.Tensor:
+        for blk in self.backbone.blocks:
+            if num_keys is None:
+                fn, args = blk, (z,)
+            else:
+                fn, args = two_stream_block, (blk, z, num_keys, mask)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                z = checkpoint(fn, *args, use_reentrant=False)
+            else:
+                z = fn(*args)
+        return z
+
+    def forward_features(self, images: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Final-normed features at the predicted positions: [B, m, D]."""
+        m = plan.num_predicted
+        if plan.kind == "mim":
+            b, n = images.shape[0], self.model_cfg.num_patches
+            masked = torch.zeros(b, n, dtype=torch.bool, device=images.device)
+            masked.scatter_(1, plan.predicted, True)
+            z = self._run_blocks(self.embed(images, masked), None, None)
+            out = z[:, 1:].gather(1, plan.predicted.unsqueeze(-1).expand(-1, -1, z.shape[-1]))
+            return self.backbone.norm(out)
+        x = self.embed(images)  # [B, 1+N, D]
+        pos = self.backbone.pos_embed[0, 1:]  # [N, D]
+        aux = self.mask_token.to(x.dtype) + pos[plan.predicted]  # [B, m, D]
+        if plan.kind == "mapet":
+            z = torch.cat([x, aux, aux], dim=1)  # content [x; a_P], query [a_P]
+        elif plan.kind == "pet":
+            z = torch.cat([x, aux], dim=1)  # content [x], query [a_P]
+        else:
+            raise ValueError(f"unknown objective {plan.kind!r}")
+        num_keys = z.shape[1] - m
+        z = self._run_blocks(z, num_keys, attention_mask(plan))
+        return self.backbone.norm(z[:, num_keys:])
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, plan: Plan) -> dict[str, torch.Tensor]:
+        """images [B,3,H,W]; tokens int [B,N] visual token ids; plan for this batch.
+
+        Returns loss (mean CE over B*m), acc (token accuracy), logits [B,m,V], targets [B,m].
+        """
+        if plan.kind != self.objective:
+            raise ValueError(f"plan is for {plan.kind!r} but the model was built for {self.objective!r}")
+        logits = self.lm_head(self.forward_features(images, plan))
+        targets = tokens.long().gather(1, plan.predicted)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == targets).float().mean()
+        return {"loss": loss, "acc": acc, "logits": logits, "targets": targets}
