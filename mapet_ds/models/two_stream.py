@@ -26,13 +26,13 @@ def two_stream_attention(attn: nn.Module, x: torch.Tensor, num_keys: int, mask: 
     h = attn.num_heads
     hd = d // h
     w, bias = attn.qkv.weight, attn.qkv.bias
-    content, query = x[:, :num_keys], x[:, num_keys:]
-    # full q/k/v for the content rows, only q for the query rows (no wasted k/v FLOPs)
-    qkv = F.linear(content, w, bias).view(b, num_keys, 3, h, hd).permute(2, 0, 3, 1, 4)
-    q_query = F.linear(query, w[:d], None if bias is None else bias[:d])
-    q_query = q_query.view(b, l - num_keys, h, hd).transpose(1, 2)
-    q = torch.cat([qkv[0], q_query], dim=2)  # [B, H, L, hd]
-    k, v = qkv[1], qkv[2]  # [B, H, num_keys, hd]
+    # q for every row, k/v only for the content rows: no wasted k/v FLOPs for the
+    # query stream and no concatenation of q pieces
+    q = F.linear(x, w[:d], None if bias is None else bias[:d])
+    kv = F.linear(x[:, :num_keys], w[d:], None if bias is None else bias[d:])
+    q = q.view(b, l, h, hd).transpose(1, 2)  # [B, H, L, hd]
+    kv = kv.view(b, num_keys, 2, h, hd).permute(2, 0, 3, 1, 4)
+    k, v = kv[0], kv[1]  # [B, H, num_keys, hd]
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0

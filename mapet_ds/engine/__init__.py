@@ -1,0 +1,1 @@
+"""Training engine: the DeepSpeed loop shared by pre-training and fine-tuning."""

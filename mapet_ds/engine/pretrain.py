@@ -1,0 +1,161 @@
+"""Pre-training: DALI batch -> token rows by sample id -> plan on the device -> model.
+
+    deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json \
+        --config launch/recipes/vit_base_in1k_mapet.yaml [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from mapet_ds.config import ConfigError, RunConfig, load_config
+from mapet_ds.engine.dist import DistInfo, all_reduce_sum, init_distributed
+from mapet_ds.engine.trainer import NonFiniteStop, Trainer
+from mapet_ds.filelist import FileListError, read_filelist
+from mapet_ds.models.flops import pretrain_forward_flops
+from mapet_ds.models.pretrain import PretrainModel
+
+
+def build_online_tokenizer(cfg: RunConfig, device: torch.device):
+    """VQ-KD / dVAE encoders run in the step (frozen, outside the DeepSpeed engine)."""
+    tk = cfg.tokenizer
+    if tk.weights is None:
+        raise ConfigError(f"tokenizer.kind={tk.kind!r} runs online and needs tokenizer.weights=<local weight file>")
+    if tk.kind == "vqkd":
+        from mapet_ds.tokenizers.vqkd import VQKDEncoder
+
+        enc = VQKDEncoder.load(tk.weights, device=str(device), amp=device.type == "cuda")
+    elif tk.kind == "dvae":
+        from mapet_ds.tokenizers.dvae import DVAEEncoder
+
+        enc = DVAEEncoder.load(tk.weights, device=str(device), input_size=tk.input_size or 112,
+                               amp=device.type == "cuda")
+    else:
+        raise ConfigError(f"tokenizer.kind={tk.kind!r} with online=true is not supported (use vqkd or dvae)")
+    if enc.grid != cfg.model.grid:
+        raise ConfigError(f"tokenizer {tk.weights} has a {enc.grid}x{enc.grid} grid but the ViT has "
+                          f"{cfg.model.grid}x{cfg.model.grid} patches (model.img_size / model.patch_size)")
+    if enc.vocab_size > cfg.tokenizer.vocab_size:
+        raise ConfigError(f"tokenizer {tk.weights} has {enc.vocab_size} codes > tokenizer.vocab_size="
+                          f"{tk.vocab_size}; set tokenizer.vocab_size={enc.vocab_size}")
+    return enc
+
+
+class PretrainStep:
+    """One micro step: returns {"loss", "acc"} scalars; keeps target-code counts for logging."""
+
+    def __init__(self, cfg: RunConfig, dist: DistInfo, token_table: Optional[torch.Tensor], online_tokenizer):
+        self.cfg = cfg
+        self.dist = dist
+        self.token_table = token_table  # int16 [N_images, grid*grid] on the device
+        self.online_tokenizer = online_tokenizer
+        self.code_counts = torch.zeros(cfg.tokenizer.vocab_size, dtype=torch.long, device=dist.device)
+        self.trainer: Optional[Trainer] = None
+        self._fault_nan_from = _fault_step("nan_loss")
+
+    def __call__(self, engine, batch: dict) -> dict[str, torch.Tensor]:
+        device = self.dist.device
+        images = batch["images"].to(device, non_blocking=True)
+        if self.online_tokenizer is not None:
+            with torch.no_grad():
+                tokens = self.online_tokenizer.tokenize(batch["tok_images"].to(device))
+        else:
+            tokens = self.token_table[batch["sample_ids"].to(device)].long()
+        images = images.to(self.trainer.dtype)
+        plan = engine.module.sample_plan(images.shape[0], device, self.trainer.plan_generator)
+        out = engine(images, tokens, plan)
+        self.code_counts += torch.bincount(out["targets"].flatten(), minlength=self.code_counts.numel())
+        loss = out["loss"]
+        if self._fault_nan_from is not None and self.trainer.state.step + 1 >= self._fault_nan_from:
+            loss = loss * float("nan")  # fault injection for the non-finite tests
+        return {"loss": loss, "acc": out["acc"]}
+
+    def log_hook(self, trainer: Trainer, means: dict) -> dict:
+        counts = all_reduce_sum(self.code_counts).double()
+        self.code_counts.zero_()
+        total = counts.sum().clamp(min=1)
+        p = counts / total
+        ent = -(p[p > 0] * p[p > 0].log()).sum()
+        return {"tokenizer/codes_used": float((counts > 0).sum()),
+                "tokenizer/code_perplexity": float(ent.exp())}
+
+
+def _fault_step(kind: str) -> Optional[int]:
+    spec = os.environ.get("MAPET_FAULT", "")
+    if spec.startswith(kind + ":"):
+        return int(spec.split(":", 1)[1])
+    return None
+
+
+def load_token_table(cfg: RunConfig, filelist, device: torch.device) -> torch.Tensor:
+    from mapet_ds.tokenizers.store import TokenStore
+
+    tk = cfg.tokenizer
+    if tk.token_store is None:
+        raise ConfigError(
+            f"tokenizer.kind={tk.kind!r} is offline and needs tokenizer.token_store=<dir> "
+            f"(make it with `python launch/tokenize.py assign`)"
+        )
+    store = TokenStore.open(tk.token_store, filelist=filelist, grid=cfg.model.grid)
+    if store.vocab > tk.vocab_size:
+        raise ConfigError(f"token store {tk.token_store} has vocab {store.vocab} > tokenizer.vocab_size="
+                          f"{tk.vocab_size}; set tokenizer.vocab_size={store.vocab}")
+    return store.as_tensor(device)
+
+
+def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
+    from mapet_ds.pipelines import pretrain_loader
+
+    if cfg.data.train_list is None:
+        raise ConfigError("data.train_list is not set: point it at a file list (data/make_filelist.py)")
+    fl = read_filelist(cfg.data.train_list, cfg.data.root)
+    online = cfg.tokenizer.online or cfg.tokenizer.kind in ("vqkd", "dvae")
+    tokenizer = build_online_tokenizer(cfg, dist.device) if online else None
+    table = None if online else load_token_table(cfg, fl, dist.device)
+    torch.manual_seed(cfg.pretrain.seed)  # identical initial weights on every rank and every run
+    model = PretrainModel(cfg.model, cfg.objective, cfg.tokenizer.vocab_size)
+    step = PretrainStep(cfg, dist, table, tokenizer)
+    d = cfg.data
+
+    def build_loader(micro_batch: int, state: Optional[str]):
+        return pretrain_loader(
+            fl, img_size=cfg.model.img_size, batch_size=micro_batch, shard_id=dist.rank,
+            num_shards=dist.world_size, seed=cfg.pretrain.seed, num_threads=d.num_threads, device=d.decode,
+            color_jitter=d.color_jitter, mean=d.mean, std=d.std,
+            tokenizer_view_size=tokenizer.input_size if tokenizer is not None else None,
+            random_resized_crop=d.random_resized_crop, checkpoint=state,
+        )
+
+    flops = pretrain_forward_flops(cfg.model, cfg.objective.name, model.num_predicted, cfg.tokenizer.vocab_size)
+    trainer = Trainer(cfg, "pretrain", ds_config, model, dist, build_loader, step,
+                      flops_per_image=flops.total, log_hook=step.log_hook)
+    step.trainer = trainer
+    return trainer
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="MaPeT / PeT / MIM pre-training with DeepSpeed")
+    ap.add_argument("--config", help="YAML recipe (launch/recipes/*.yaml)")
+    ap.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default="ds_configs/zero2.json")
+    ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.drop_path=0.2")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        dist = init_distributed(args.local_rank)
+        trainer = build_trainer(cfg, args.ds_config, dist)
+        trainer.fit()
+        trainer.close()
+    except (ConfigError, FileListError, NonFiniteStop, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -1,0 +1,256 @@
+"""The DeepSpeed training loop shared by pre-training and fine-tuning.
+
+A task supplies the model, a loader factory and a micro-step function; the Trainer
+owns everything else: DeepSpeed config resolution, AdamW + schedules, the loop,
+logging, non-finite handling, checkpoints and exact auto-resume.
+
+Per optimizer step: set lr/wd -> ``grad_accum`` x (next batch, forward, backward,
+``engine.step``) -> DeepSpeed reduces, clips and steps at the accumulation boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import deepspeed
+import torch
+
+from mapet_ds.config import ConfigError, RunConfig, TrainConfig, config_to_dict, save_config
+from mapet_ds.engine import checkpoint as ckpt
+from mapet_ds.engine.dist import DistInfo, all_reduce_mean, barrier
+from mapet_ds.engine.ds_config import load_ds_json, resolve_ds_config, write_json
+from mapet_ds.engine.metrics import MetricLogger, Throughput, detect_peak_tflops, format_eta, max_memory_gib
+from mapet_ds.engine.optim import Schedule, build_optimizer
+
+# micro_step(engine, batch) -> {"loss": scalar tensor, other scalar metrics...}
+MicroStep = Callable[[Any, dict], dict[str, torch.Tensor]]
+# build_loader(micro_batch_size, checkpoint_state_or_None) -> loader with steps_per_epoch and state()
+LoaderFactory = Callable[[int, Optional[str]], Any]
+
+
+class NonFiniteStop(RuntimeError):
+    """Too many consecutive non-finite steps; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0
+    skipped_steps: int = 0
+    nonfinite_streak: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        section: str,
+        ds_config_path: str,
+        model: torch.nn.Module,
+        dist: DistInfo,
+        build_loader: LoaderFactory,
+        micro_step: MicroStep,
+        *,
+        flops_per_image: float,
+        layer_decay: Optional[float] = None,
+        log_hook: Optional[Callable[["Trainer", dict], dict]] = None,
+        step_hook: Optional[Callable[["Trainer"], None]] = None,
+    ):
+        self.cfg = cfg
+        self.section = section
+        self.train: TrainConfig = getattr(cfg, section)
+        self.dist = dist
+        self.run_dir = Path(self.train.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.micro_step = micro_step
+        self.log_hook = log_hook
+        self.step_hook = step_hook
+        self.flops_per_image = flops_per_image
+
+        ds = resolve_ds_config(load_ds_json(ds_config_path), self.train, cfg.optim, dist.world_size, dist.device,
+                               src=str(ds_config_path), section=section)
+        self.precision = "bf16" if ds["bf16"]["enabled"] else ("fp16" if ds["fp16"]["enabled"] else "fp32")
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+        self.micro_batch = ds["train_micro_batch_size_per_gpu"]
+        self.grad_accum = ds["gradient_accumulation_steps"]
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(ds, self.run_dir / "ds_config.json")
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        self.optimizer = build_optimizer(model, cfg.optim, layer_decay)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds)
+        self.module = self.engine.module
+
+        self.state = TrainState()
+        self.plan_generator = torch.Generator(device=dist.device)
+        self.plan_generator.manual_seed(self.train.seed * 1000 + dist.rank)
+        torch.manual_seed(self.train.seed * 1000 + dist.rank)  # drop-path draws differ per rank
+
+        loader_state, rng = None, None
+        self.resumed_from: Optional[Path] = None
+        tag_dir = self._resume_target()
+        if tag_dir is not None:
+            client, rank_state = ckpt.load(self.engine, tag_dir, rank=dist.rank)
+            self.state.step = int(client["step"])
+            self.state.samples_seen = int(client["samples_seen"])
+            self.state.skipped_steps = int(client.get("skipped_steps", 0))
+            self.state.extra = dict(client.get("extra", {}))
+            loader_state, rng = rank_state["loader"], rank_state["rng"]
+            self.resumed_from = tag_dir
+        self.loader = build_loader(self.micro_batch, loader_state)
+        if rng is not None:
+            ckpt.set_rng_state(rng, self.plan_generator)
+        self.steps_per_epoch = max(1, self.loader.steps_per_epoch // self.grad_accum)
+        if self.train.max_steps is not None:
+            self.total_steps = self.train.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(self.train.epochs * self.steps_per_epoch))
+        self.schedule = Schedule(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
+        self.logger = MetricLogger(self.run_dir, dist.is_main, resume_step=self.state.step)
+        self.peak_tflops = detect_peak_tflops(dist.device, self.train.peak_tflops)
+        self._ds_skipped_base = self.engine.skipped_steps
+        if dist.is_main:
+            how = f"resumed from {tag_dir}" if tag_dir else "from scratch"
+            print(f"[{section}] {how}: step {self.state.step}/{self.total_steps}, "
+                  f"{self.steps_per_epoch} steps/epoch, micro batch {self.micro_batch} x accum "
+                  f"{self.grad_accum} x {dist.world_size} rank(s), {self.precision}, ZeRO "
+                  f"{self.engine.zero_optimization_stage()}, run dir {self.run_dir}", flush=True)
+
+    # ----------------------------------------------------------------------------------
+    def _resume_target(self) -> Optional[Path]:
+        r = self.train.resume
+        if r in ("none", "", None):
+            return None
+        if r == "auto":
+            return ckpt.newest_complete(self.ckpt_dir)
+        p = Path(r)
+        if (p / ckpt.MARKER).is_file():
+            return p
+        found = ckpt.newest_complete(p / "checkpoints") or ckpt.newest_complete(p)
+        if found is None:
+            raise ConfigError(f"{self.section}.resume={r!r}: no complete checkpoint there (use 'auto' or 'none')")
+        return found
+
+    @property
+    def epoch(self) -> float:
+        return self.state.step / self.steps_per_epoch
+
+    def save(self) -> Path:
+        client = {"step": self.state.step, "samples_seen": self.state.samples_seen,
+                  "skipped_steps": self.state.skipped_steps, "extra": self.state.extra,
+                  "config": config_to_dict(self.cfg), "section": self.section}
+        rank_state = {"loader": self.loader.state(), "rng": ckpt.rng_state(self.plan_generator)}
+        return ckpt.save(self.engine, self.ckpt_dir, self.state.step, client, rank_state,
+                         rank=self.dist.rank, keep_last=self.train.keep_last)
+
+    # ----------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Run to ``total_steps``; returns the last logged metrics."""
+        st = self.state
+        self.engine.train()
+        thr = Throughput()
+        pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+        last: dict = {}
+        saved_at = st.step if self.resumed_from else -1
+        t_start = time.perf_counter()
+        start_step = st.step
+        while st.step < self.total_steps:
+            lr, wd = self.schedule.apply(st.step, self.engine.optimizer.param_groups)
+            sums: dict[str, torch.Tensor] = {}
+            for _ in range(self.grad_accum):
+                t0 = time.perf_counter()
+                batch = next(self.loader)
+                wait = time.perf_counter() - t0
+                out = self.micro_step(self.engine, batch)
+                self.engine.backward(out["loss"])
+                self.engine.step()
+                n = int(batch["images"].shape[0])
+                thr.add(n, wait)
+                for k, v in out.items():
+                    if v.dim() == 0:
+                        sums[k] = sums.get(k, 0) + v.detach().float() / self.grad_accum
+            st.step += 1
+            st.samples_seen += self.micro_batch * self.grad_accum * self.dist.world_size
+            skipped_now = self.engine.skipped_steps - self._ds_skipped_base
+            if skipped_now > st.skipped_steps:  # DeepSpeed found inf/nan gradients and skipped
+                st.skipped_steps = skipped_now
+                st.nonfinite_streak += 1
+                if self.dist.is_main:
+                    print(f"[{self.section}] WARNING step {st.step}: non-finite loss or gradient norm, "
+                          f"update skipped ({st.skipped_steps} skipped so far)", flush=True)
+                if st.nonfinite_streak >= self.train.max_nonfinite:
+                    self._flush(pending, lr, wd, thr, last)
+                    self.logger.close()
+                    raise NonFiniteStop(
+                        f"{st.nonfinite_streak} consecutive non-finite steps (up to step {st.step}, "
+                        f"{self.section}.max_nonfinite={self.train.max_nonfinite}): stopped; the last good "
+                        f"checkpoint is kept in {self.ckpt_dir} (lower optim.lr or check the data)"
+                    )
+            else:
+                st.nonfinite_streak = 0
+            pending.append((st.step, sums))
+            ckpt.fault_point("step", st.step)
+            if self.step_hook is not None:
+                self.step_hook(self)
+            if st.step % self.train.log_every == 0 or st.step == self.total_steps:
+                last = self._flush(pending, lr, wd, thr, last)
+                if self.dist.is_main:
+                    done = st.step - start_step
+                    eta = (time.perf_counter() - t_start) / max(done, 1) * (self.total_steps - st.step)
+                    print(f"[{self.section}] step {st.step}/{self.total_steps} epoch {self.epoch:.2f} "
+                          f"loss {last.get('loss', float('nan')):.4f} "
+                          + (f"acc {last['acc']:.4f} " if "acc" in last else "")
+                          + f"lr {lr:.2e} {last.get('images_per_sec', 0):.1f} img/s ETA {format_eta(eta)}",
+                          flush=True)
+                thr.reset()
+            if st.nonfinite_streak == 0 and (st.step % self.train.save_every == 0 or st.step == self.total_steps):
+                self.save()
+                saved_at = st.step
+        if saved_at != st.step and st.nonfinite_streak == 0:
+            self.save()
+        self.logger.flush()
+        return last
+
+    def _flush(self, pending, lr, wd, thr: Throughput, last: dict) -> dict:
+        """One sync per log interval: per-step metrics averaged over ranks, then written."""
+        if not pending:
+            return last
+        keys = sorted(pending[0][1])
+        table = torch.stack([torch.stack([s[k] for k in keys]) for _, s in pending])  # [steps, keys]
+        table = all_reduce_mean(table).cpu()
+        dt, ips, wait = thr.read()
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        ips_global = ips * self.dist.world_size
+        mfu = None
+        if self.peak_tflops:
+            mfu = 3 * self.flops_per_image * ips / (self.peak_tflops * 1e12)
+        for (step, _), row in zip(pending, table):
+            rec = {"step": step, **{k: float(v) for k, v in zip(keys, row)}}
+            self.logger.record(rec)
+        means = {k: float(table[:, i].mean()) for i, k in enumerate(keys)}
+        x = self.state.samples_seen
+        scalars = {f"train/{'token_acc' if k == 'acc' else k}": v for k, v in means.items()}
+        scalars.update({
+            "opt/lr": lr, "opt/weight_decay": wd, "opt/grad_norm": grad_norm,
+            "opt/skipped_steps": float(self.state.skipped_steps),
+            "throughput/images_per_sec": ips_global, "throughput/images_per_sec_per_device": ips,
+            "throughput/mfu": mfu, "time/data_wait_fraction": wait,
+            "memory/max_allocated_gib": max_memory_gib(self.dist.device),
+            "train/epoch": self.epoch, "train/step": float(self.state.step),
+        })
+        if self.log_hook is not None:
+            scalars.update(self.log_hook(self, means))
+        self.logger.scalars(scalars, x)
+        pending.clear()
+        return {**means, "images_per_sec": ips_global, "grad_norm": grad_norm, "lr": lr, "mfu": mfu}
+
+    def close(self) -> None:
+        self.logger.close()
+        barrier()
