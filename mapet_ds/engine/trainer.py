@@ -177,6 +177,7 @@ class Trainer:
                         sums[k] = sums.get(k, 0) + v.detach().float() / self.grad_accum
             st.step += 1
             st.samples_seen += self.micro_batch * self.grad_accum * self.dist.world_size
+            pending.append((st.step, sums))
             skipped_now = self.engine.skipped_steps - self._ds_skipped_base
             if skipped_now > st.skipped_steps:  # DeepSpeed found inf/nan gradients and skipped
                 st.skipped_steps = skipped_now
@@ -194,7 +195,6 @@ class Trainer:
                     )
             else:
                 st.nonfinite_streak = 0
-            pending.append((st.step, sums))
             ckpt.fault_point("step", st.step)
             if self.step_hook is not None:
                 self.step_hook(self)
