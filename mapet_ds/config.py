@@ -334,23 +334,41 @@ def config_from_dict(data: dict, source: str = "config") -> RunConfig:
         raise ConfigError(format_validation_error(err, data, source)) from None
 
 
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe; ``_base_: other.yaml`` (relative to this file) is merged underneath."""
+    if not p.is_file():
+        where = f" (named by _base_ in {seen[-1]})" if seen else ""
+        raise ConfigError(f"config file {p} does not exist{where} (see launch/recipes/ for recipes)")
+    if p.resolve() in seen:
+        raise ConfigError(f"{p}: _base_ chain loops back to itself")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections (model:, data:, ...)")
+    base = data.pop("_base_", None)
+    if base is not None:
+        data = _deep_merge(_read_yaml(p.parent / base, seen + (p.resolve(),)), data)
+    return data
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML recipe (or defaults when None), apply dotted overrides, validate."""
     data: dict = {}
     source = "config"
     if path is not None:
         source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (see launch/recipes/ for recipes)")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections (model:, data:, ...)")
+        data = _read_yaml(Path(path))
     data = apply_overrides(data, overrides)
     return config_from_dict(data, source)
 
