@@ -1,0 +1,399 @@
+"""Token store: the offline targets, one row of grid*grid token ids per image.
+
+Layout of a store directory::
+
+    meta.json        file-list digest, num images, grid, vocab, tokenizer spec, chunking,
+                     completeness
+    tokens.npy       int16 [num_images, grid*grid], row = sample id (memory-mapped)
+    progress/        chunk_000123.json markers of finished chunks (while assigning)
+
+Training opens it against its file list and model config (``TokenStore.open``) and
+reads rows by sample id. ``assign_tokens`` fills it in chunks that survive a kill and
+can be shared between ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mapet_ds.filelist import FileList
+
+MAX_VOCAB = 32767
+FORMAT = "mapet_ds.token_store/1"
+FIX = "re-run `launch/tokenize.py assign` for this file list and tokenizer into a new --out"
+
+
+class TokenStoreError(ValueError):
+    """A token store is missing, incomplete, or does not match the data/model it is used with."""
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class TokenStore:
+    """int16 token table [num_images, grid*grid] on disk plus its metadata."""
+
+    META, TOKENS, PROGRESS = "meta.json", "tokens.npy", "progress"
+
+    def __init__(self, path: str, meta: dict[str, Any]):
+        self.path = os.fspath(path)
+        self.meta = meta
+        try:
+            self.tokens = np.load(os.path.join(self.path, self.TOKENS), mmap_mode="r")  # int16 [N, cells]
+        except (OSError, ValueError) as e:
+            raise TokenStoreError(f"token store {self.path}: {self.TOKENS} is missing or unreadable ({e}); {FIX}") from None
+        if self.tokens.shape != (self.num_images, self.grid * self.grid) or self.tokens.dtype != np.int16:
+            raise TokenStoreError(
+                f"token store {self.path}: {self.TOKENS} is {self.tokens.dtype} {self.tokens.shape}, meta.json says "
+                f"int16 ({self.num_images}, {self.grid * self.grid}): the store is damaged, {FIX}"
+            )
+
+    # ---- metadata -----------------------------------------------------------------
+    num_images = property(lambda self: int(self.meta["num_images"]))
+    grid = property(lambda self: int(self.meta["grid"]))
+    vocab = property(lambda self: int(self.meta["vocab"]))
+    spec = property(lambda self: self.meta["spec"])
+    chunk_size = property(lambda self: int(self.meta["chunk_size"]))
+    num_chunks = property(lambda self: -(-self.num_images // self.chunk_size))
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def chunk_range(self, c: int) -> range:
+        return range(c * self.chunk_size, min((c + 1) * self.chunk_size, self.num_images))
+
+    def done_chunks(self) -> set[int]:
+        """Chunks whose rows are written and flushed (all of them once finalised)."""
+        if self.meta.get("complete"):
+            return set(range(self.num_chunks))
+        names = glob.glob(os.path.join(self.path, self.PROGRESS, "chunk_*.json"))
+        return {int(os.path.basename(n)[6:-5]) for n in names}
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done_chunks()) == self.num_chunks
+
+    def complete_rows(self) -> np.ndarray:
+        """bool [num_images]: rows whose chunk is finished."""
+        mask = np.zeros(self.num_images, dtype=bool)
+        for c in self.done_chunks():
+            r = self.chunk_range(c)
+            mask[r.start : r.stop] = True
+        return mask
+
+    # ---- creation and opening ------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        filelist: FileList,
+        grid: int,
+        vocab: int,
+        spec: dict[str, Any],
+        *,
+        chunk_size: int = 4096,
+    ) -> "TokenStore":
+        """Make an empty store (rows filled with -1) for ``filelist``; replaces any old one."""
+        path = os.fspath(path)
+        if vocab > MAX_VOCAB or vocab < 1:
+            raise TokenStoreError(f"vocab {vocab} does not fit the int16 token store (1..{MAX_VOCAB}): use k <= {MAX_VOCAB}")
+        if grid < 1 or chunk_size < 1:
+            raise TokenStoreError(f"grid ({grid}) and chunk_size ({chunk_size}) must be >= 1")
+        os.makedirs(os.path.join(path, cls.PROGRESS), exist_ok=True)
+        for stale in glob.glob(os.path.join(path, cls.PROGRESS, "chunk_*.json")):
+            os.remove(stale)
+        if os.path.exists(os.path.join(path, cls.META)):
+            os.remove(os.path.join(path, cls.META))
+        n, cells = len(filelist), grid * grid
+        tmp = os.path.join(path, f"tokens.tmp{os.getpid()}.npy")
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(n, cells))
+        for i in range(0, n, 65536):  # -1 marks rows not written yet
+            arr[i : i + 65536] = -1
+        arr.flush()
+        del arr
+        os.replace(tmp, os.path.join(path, cls.TOKENS))
+        meta = {
+            "format": FORMAT,
+            "filelist": os.path.abspath(filelist.list_path),
+            "digest": filelist.digest(),
+            "num_images": n,
+            "grid": int(grid),
+            "vocab": int(vocab),
+            "spec": spec,
+            "chunk_size": int(chunk_size),
+            "complete": False,
+            "rows_complete": 0,
+            "created": _now(),
+        }
+        _write_json(os.path.join(path, cls.META), meta)
+        return cls(path, meta)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        filelist: FileList | None = None,
+        grid: int | None = None,
+        vocab: int | None = None,
+        allow_incomplete: bool = False,
+    ) -> "TokenStore":
+        """Open a store, checking it against the file list / model it will be used with."""
+        path = os.fspath(path)
+        meta_path = os.path.join(path, cls.META)
+        if not os.path.isfile(meta_path):
+            raise TokenStoreError(f"no token store at {path} (no {cls.META}): make it with `launch/tokenize.py assign --out {path}`")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise TokenStoreError(f"token store {path}: {cls.META} is unreadable ({e}); {FIX}") from None
+        if meta.get("format") != FORMAT:
+            raise TokenStoreError(f"{path} is not a mapet_ds token store (format {meta.get('format')!r}); {FIX}")
+        if filelist is not None:
+            if meta["num_images"] != len(filelist):
+                raise TokenStoreError(
+                    f"token store {path} has {meta['num_images']} rows but file list {filelist.list_path} has "
+                    f"{len(filelist)} images; {FIX}"
+                )
+            if meta["digest"] != filelist.digest():
+                raise TokenStoreError(
+                    f"token store {path} was made for other images (file list {meta['filelist']}, digest "
+                    f"{meta['digest'][:12]}) than {filelist.list_path} (digest {filelist.digest()[:12]}); {FIX}"
+                )
+        if grid is not None and meta["grid"] != grid:
+            raise TokenStoreError(
+                f"token store {path} has a {meta['grid']}x{meta['grid']} token grid but the model's patch grid is "
+                f"{grid}x{grid}; {FIX} with a tokenizer at that grid"
+            )
+        if vocab is not None and meta["vocab"] != vocab:
+            raise TokenStoreError(
+                f"token store {path} has vocab {meta['vocab']} but the model predicts {vocab} classes: set the "
+                f"model's vocab to {meta['vocab']}, or {FIX}"
+            )
+        store = cls(path, meta)
+        if not allow_incomplete and not store.complete:
+            done = int(store.complete_rows().sum())
+            raise TokenStoreError(
+                f"token store {path} is incomplete ({done} of {store.num_images} rows): re-run the same "
+                f"`launch/tokenize.py assign` command to finish it (finished chunks are kept)"
+            )
+        return store
+
+    # ---- reading ---------------------------------------------------------------------
+    def rows(self, sample_ids) -> torch.Tensor:
+        """sample_ids: int [B] (tensor, array or list) -> int64 tensor [B, grid*grid] on the CPU."""
+        ids = sample_ids.detach().cpu().numpy() if isinstance(sample_ids, torch.Tensor) else np.asarray(sample_ids)
+        ids = ids.astype(np.int64, copy=False).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_images):
+            bad = ids[(ids < 0) | (ids >= self.num_images)][0]
+            raise TokenStoreError(f"sample id {bad} is outside token store {self.path} (0..{self.num_images - 1})")
+        return torch.from_numpy(np.asarray(self.tokens[ids], dtype=np.int64))
+
+    def as_tensor(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The whole table as int16 [N, grid*grid] on ``device``: index it with the batch's
+        sample ids there and call ``.long()`` (2 bytes per token: ImageNet-1k is ~0.5 GB)."""
+        return torch.from_numpy(np.array(self.tokens, dtype=np.int16, copy=True)).to(device)
+
+    # ---- writing (used by assign_tokens) -----------------------------------------------
+    def write_chunk(self, c: int, tokens: np.ndarray) -> None:
+        """Write chunk ``c``'s rows (int [len(chunk), cells]), make them durable, then mark it done.
+
+        os.pwrite of the exact byte range (not a shared writable memmap): ranks on other
+        nodes writing neighbouring chunks of one file on a network filesystem never
+        rewrite each other's pages.
+        """
+        r = self.chunk_range(c)
+        data = np.ascontiguousarray(tokens, dtype=np.int16)
+        if data.shape != (len(r), self.grid * self.grid):
+            raise TokenStoreError(f"chunk {c}: expected tokens {(len(r), self.grid * self.grid)}, got {data.shape}")
+        if data.min() < 0 or data.max() >= self.vocab:
+            raise TokenStoreError(f"chunk {c}: token ids outside 0..{self.vocab - 1}")
+        row_bytes = self.grid * self.grid * 2
+        fd = os.open(os.path.join(self.path, self.TOKENS), os.O_WRONLY)
+        try:
+            os.pwrite(fd, data.tobytes(), self.tokens.offset + r.start * row_bytes)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _write_marker(self, c, {"chunk": c, "start": r.start, "stop": r.stop, "sha1": hashlib.sha1(data.tobytes()).hexdigest()})
+
+    def finalise(self) -> bool:
+        """Record completeness in meta.json once every chunk is done; True when complete.
+
+        Idempotent: every rank that sees all chunks done may call it.
+        """
+        if not self.complete:
+            return False
+        if not self.meta.get("complete"):
+            if int(np.asarray(self.tokens.min())) < 0:
+                raise TokenStoreError(f"token store {self.path}: all chunks are marked done but some rows are unwritten; {FIX}")
+            self.meta.update(complete=True, rows_complete=self.num_images, finished=_now())
+            _write_json(os.path.join(self.path, self.META), self.meta)
+        return True
+
+
+def _write_marker(store: TokenStore, c: int, record: dict) -> None:
+    """Atomically mark chunk ``c`` finished (a separate function so tests can crash here)."""
+    _write_json(os.path.join(store.path, TokenStore.PROGRESS, f"chunk_{c:06d}.json"), record)
+
+
+def iterate_images(
+    filelist: FileList,
+    ids: np.ndarray | None,
+    size: int,
+    *,
+    batch_size: int = 64,
+    num_threads: int = 2,
+    device: str = "auto",
+    loader: Callable | None = None,
+    progress: bool = True,
+    desc: str = "images",
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Yield (global sample ids int64 [B], images uint8 [B, 3, size, size]) for ``ids``
+    (sorted; None = all), in list order, each once, through the tokenizer-view loader.
+
+    A subset is read as a sub-list (same root): the loader's sample ids are positions
+    in that sub-list, mapped back to the full list's ids here.
+    """
+    from tqdm.auto import tqdm
+
+    if loader is None:
+        from mapet_ds.pipelines import tokenizer_view_loader as loader
+    n = len(filelist)
+    whole = ids is None or (len(ids) == n and np.array_equal(ids, np.arange(n)))
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    if len(ids) == 0:
+        return
+    sub = filelist
+    if not whole:
+        # Same root and list path (for messages); the loader reads the in-memory paths.
+        sub = FileList(filelist.list_path, filelist.root, [filelist.paths[i] for i in ids],
+                       [filelist.labels[i] for i in ids], filelist.classes)
+    seen = 0
+    bar = tqdm(total=len(ids), desc=desc, unit="img", disable=not progress, smoothing=0.1)
+    for batch in loader(sub, size=size, batch_size=batch_size, shard_id=0, num_shards=1, num_threads=num_threads, device=device):
+        local = batch["sample_ids"]
+        local = (local.cpu().numpy() if isinstance(local, torch.Tensor) else np.asarray(local)).astype(np.int64).reshape(-1)
+        seen += len(local)
+        bar.update(len(local))
+        yield ids[local], batch["images"]
+    bar.close()
+    if seen != len(ids):
+        raise TokenStoreError(f"the image loader yielded {seen} images for {len(ids)} requested ({filelist.list_path})")
+
+
+def loader_device(model) -> str:
+    """Decode where the extractor/tokenizer runs: DALI "mixed" (GPU) when it is on CUDA, else "cpu"."""
+    if model.device.type == "cuda":
+        torch.cuda.set_device(model.device)  # DALI decodes on the current device
+        return "mixed"
+    return "cpu"
+
+
+def _identity(spec: Any) -> Any:
+    """A tokenizer spec without file locations: moving the codebook or weights is no change."""
+    if isinstance(spec, dict):
+        return {k: _identity(v) for k, v in spec.items() if k != "path"}
+    if isinstance(spec, list):
+        return [_identity(v) for v in spec]
+    return spec
+
+
+def _wait_for(path: str, timeout: float, what: str) -> None:
+    t0 = time.monotonic()
+    while not os.path.isfile(path):
+        if time.monotonic() - t0 > timeout:
+            raise TokenStoreError(f"waited {timeout:.0f}s for {what} ({path}): did rank 0 fail? check its log")
+        time.sleep(1.0)
+
+
+def assign_tokens(
+    filelist: FileList,
+    tokenizer,
+    out: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    chunk_size: int = 4096,
+    rank: int = 0,
+    world_size: int = 1,
+    num_threads: int = 2,
+    loader: Callable | None = None,
+    progress: bool = True,
+    wait_timeout: float = 1800.0,
+) -> TokenStore:
+    """Tokenise every image of ``filelist`` into the store at ``out``; resumable and sharded.
+
+    tokenizer: ``KMeansTokenizer(extractor, codebook)`` or a VQ-KD / dVAE encoder (any
+    object with input_size, grid, vocab_size, device, spec(), tokenize(uint8 [B,3,S,S])
+    -> int [B, grid*grid]).
+
+    Chunk c (rows [c*chunk_size, (c+1)*chunk_size)) belongs to rank c % world_size; a rank
+    skips chunks already marked done, so a rerun after a kill only does the rest, and a
+    rerun with another world size still covers every chunk once. Rank 0 creates the store,
+    the others wait for it. Whichever rank sees every chunk done finalises meta.json.
+    """
+    out = os.fspath(out)
+    spec, grid, vocab = tokenizer.spec(), int(tokenizer.grid), int(tokenizer.vocab_size)
+    meta_path = os.path.join(out, TokenStore.META)
+    if rank != 0:
+        _wait_for(meta_path, wait_timeout, "rank 0 to create the token store")
+    if os.path.isfile(meta_path):  # resuming (or another rank's fresh store)
+        store = TokenStore.open(out, filelist=filelist, grid=grid, vocab=vocab, allow_incomplete=True)
+        if json.dumps(_identity(store.spec), sort_keys=True) != json.dumps(_identity(spec), sort_keys=True):
+            raise TokenStoreError(
+                f"token store {out} was written with another tokenizer ({_short(store.spec)}) than this one "
+                f"({_short(spec)}): delete {out} or choose another --out"
+            )
+    else:
+        store = TokenStore.create(out, filelist, grid, vocab, spec, chunk_size=chunk_size)
+    done = store.done_chunks()
+    mine = [c for c in range(store.num_chunks) if c % world_size == rank and c not in done]
+    if mine:
+        ids = np.concatenate([np.arange(store.chunk_range(c).start, store.chunk_range(c).stop) for c in mine])
+        cells = grid * grid
+        pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # chunk -> (tokens, filled mask)
+        stream = iterate_images(
+            filelist, ids, tokenizer.input_size, batch_size=batch_size, num_threads=num_threads,
+            device=loader_device(tokenizer), loader=loader, progress=progress, desc=f"assign rank {rank}/{world_size}",
+        )
+        for gids, images in stream:
+            toks = tokenizer.tokenize(images).cpu().numpy().reshape(len(gids), cells)
+            for c in np.unique(gids // store.chunk_size):
+                r = store.chunk_range(int(c))
+                buf, filled = pending.setdefault(int(c), (np.full((len(r), cells), -1, np.int16), np.zeros(len(r), bool)))
+                sel = (gids // store.chunk_size) == c
+                buf[gids[sel] - r.start] = toks[sel]
+                filled[gids[sel] - r.start] = True
+                if filled.all():
+                    store.write_chunk(int(c), buf)
+                    del pending[int(c)]
+        if pending:
+            raise TokenStoreError(f"rank {rank}: chunks {sorted(pending)} were left incomplete by the image loader")
+    store.finalise()
+    return store
+
+
+def _short(spec: dict) -> str:
+    """A few words naming a tokenizer spec for error messages."""
+    cb = (spec.get("codebook") or {}).get("centroids_sha256") or spec.get("weights_sha256") or ""
+    return f"{spec.get('kind')}, {cb[:12]}" if cb else str(spec.get("kind"))
