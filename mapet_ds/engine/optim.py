@@ -33,8 +33,11 @@ def build_param_groups(model: torch.nn.Module, optim: OptimConfig, layer_decay: 
         )
     else:
         groups = param_groups_weight_decay(model, weight_decay=optim.weight_decay, no_weight_decay_list=skip)
+    names = {id(p): n for n, p in model.named_parameters()}
     for g in groups:
         g["base_weight_decay"] = g["weight_decay"]
+        # saved with the optimizer state: lets export name fp32 master weights (bf16, ZeRO-0)
+        g["param_names"] = [names[id(p)] for p in g["params"]]
     return groups
 
 

@@ -60,6 +60,7 @@ class Trainer:
         layer_decay: Optional[float] = None,
         log_hook: Optional[Callable[["Trainer", dict], dict]] = None,
         step_hook: Optional[Callable[["Trainer"], None]] = None,
+        client_state_fn: Optional[Callable[[], dict]] = None,
     ):
         self.cfg = cfg
         self.section = section
@@ -71,6 +72,7 @@ class Trainer:
         self.log_hook = log_hook
         self.step_hook = step_hook
         self.flops_per_image = flops_per_image
+        self.client_state_fn = client_state_fn
 
         ds = resolve_ds_config(load_ds_json(ds_config_path), self.train, cfg.optim, dist.world_size, dist.device,
                                src=str(ds_config_path), section=section)
@@ -94,9 +96,11 @@ class Trainer:
 
         loader_state, rng = None, None
         self.resumed_from: Optional[Path] = None
+        self.resumed_client: Optional[dict] = None
         tag_dir = self._resume_target()
         if tag_dir is not None:
             client, rank_state = ckpt.load(self.engine, tag_dir, rank=dist.rank)
+            self.resumed_client = client
             self.state.step = int(client["step"])
             self.state.samples_seen = int(client["samples_seen"])
             self.state.skipped_steps = int(client.get("skipped_steps", 0))
@@ -145,6 +149,8 @@ class Trainer:
         client = {"step": self.state.step, "samples_seen": self.state.samples_seen,
                   "skipped_steps": self.state.skipped_steps, "extra": self.state.extra,
                   "config": config_to_dict(self.cfg), "section": self.section}
+        if self.client_state_fn is not None:
+            client.update(self.client_state_fn())
         rank_state = {"loader": self.loader.state(), "rng": ckpt.rng_state(self.plan_generator)}
         return ckpt.save(self.engine, self.ckpt_dir, self.state.step, client, rank_state,
                          rank=self.dist.rank, keep_last=self.train.keep_last)

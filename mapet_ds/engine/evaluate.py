@@ -1,0 +1,95 @@
+"""Evaluate a checkpoint: top-1/top-5 of a classifier, or k-NN accuracy of a backbone.
+
+    python launch/evaluate.py runs/finetune --filelist /data/imagenet/val.txt
+    python launch/evaluate.py runs/pretrain --knn --train-list train.txt --filelist val.txt
+    deepspeed --num_gpus 8 launch/evaluate.py runs/finetune/best.pt --config runs/finetune/config.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from mapet_ds.config import ConfigError, load_config
+from mapet_ds.engine.dist import init_distributed
+from mapet_ds.filelist import FileListError, read_filelist
+from mapet_ds.models.classifier import CheckpointError, build_classifier
+
+
+def _find_config(path: Path, meta: dict, explicit: Optional[str]) -> str:
+    if explicit:
+        return explicit
+    if meta.get("config"):
+        return meta["config"]
+    for cand in (path / "config.yaml", path.parent / "config.yaml"):
+        if cand.is_file():
+            return str(cand)
+    raise ConfigError(f"{path}: no config.yaml beside the checkpoint; pass --config with the model section")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="top-1/top-5 (or k-NN) of a checkpoint on a file list")
+    ap.add_argument("checkpoint", help="run dir, checkpoint tag dir, best.pt or an exported file")
+    ap.add_argument("--config", help="config with the model section (default: the run's config.yaml)")
+    ap.add_argument("--filelist", help="eval file list (default: data.val_list of the config)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    ap.add_argument("--knn", action="store_true", help="k-NN accuracy of the backbone (needs --train-list)")
+    ap.add_argument("--train-list", help="k-NN memory bank file list (default: data.train_list)")
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--local_rank", type=int, default=None)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    try:
+        from mapet_ds.engine.export import load_any_checkpoint
+        from mapet_ds.engine.finetune import evaluate
+        from mapet_ds.pipelines import eval_loader
+
+        dist = init_distributed(args.local_rank)
+        state, meta = load_any_checkpoint(args.checkpoint, use_ema=args.ema)
+        cfg = load_config(_find_config(Path(args.checkpoint), meta, args.config), args.overrides)
+        d = cfg.data
+        val_path = args.filelist or d.val_list
+        if val_path is None:
+            raise ConfigError("no eval file list: pass --filelist or set data.val_list")
+        val = read_filelist(val_path, d.root)
+
+        def loader(fl):
+            return eval_loader(fl, img_size=cfg.model.img_size, batch_size=args.batch_size, shard_id=dist.rank,
+                               num_shards=dist.world_size, num_threads=d.num_threads, device=d.decode,
+                               crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
+
+        if args.knn:
+            from mapet_ds.engine.knn import extract_features, knn_eval
+            from mapet_ds.models.vit import build_backbone
+
+            if dist.world_size > 1:
+                raise ConfigError("--knn runs on one process: launch it with plain python")
+            backbone = build_backbone(cfg.model)
+            backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))},
+                                     strict=False)
+            backbone.to(dist.device)
+            train = read_filelist(args.train_list or d.train_list, d.root)
+            tf, tl, _ = extract_features(backbone, loader(train), dist.device)
+            vf, vl, _ = extract_features(backbone, loader(val), dist.device)
+            res = knn_eval(tf, tl, vf, vl, k=args.k, num_classes=max(train.num_classes, val.num_classes))
+            res = {"knn_top1": res["top1"], "knn_top5": res["top5"], "count": int(vl.numel())}
+        else:
+            if meta.get("num_classes", 0) == 0:
+                raise CheckpointError(f"{args.checkpoint} has no classifier head: fine-tune it first, or use --knn")
+            model = build_classifier(cfg.model, meta["num_classes"])
+            model.load_state_dict(state, strict=True)
+            model.to(dist.device)
+            res = evaluate(model, loader(val), dist.device)
+            res.pop("confusion", None)
+        if dist.is_main:
+            print(json.dumps({"checkpoint": str(args.checkpoint), "filelist": str(val_path), **res}), flush=True)
+    except (ConfigError, FileListError, CheckpointError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0

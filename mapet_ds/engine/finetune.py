@@ -1,0 +1,232 @@
+"""Fine-tuning and evaluation of the ViT classifier (METHOD.md section 5).
+
+    deepspeed launch/finetune.py --ds_config ds_configs/zero2.json \
+        --config launch/recipes/vit_base_in1k_finetune.yaml finetune.init=runs/vit_base_in1k_mapet
+
+Train step: DALI batch (RRC, flip, RandAugment) -> random erasing -> Mixup/CutMix
+(timm) -> soft-target or label-smoothed CE. Evaluation: distributed top-1/top-5, each
+sample counted once whatever the world size; optional EMA weights evaluated alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+
+from mapet_ds.config import ConfigError, RunConfig, load_config
+from mapet_ds.engine.dist import DistInfo, all_reduce_sum, init_distributed
+from mapet_ds.engine.trainer import NonFiniteStop, Trainer
+from mapet_ds.filelist import FileListError, read_filelist
+from mapet_ds.models.classifier import CheckpointError, build_classifier, load_backbone_into_classifier
+from mapet_ds.models.flops import classifier_forward_flops
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype = torch.float32,
+             num_classes: Optional[int] = None, confusion: bool = False) -> dict:
+    """Top-1/top-5 (%) over the whole list, summed over ranks; padding rows are ignored.
+
+    loader yields {"images" [B,3,H,W], "labels" [B], "valid" bool [B]}; every rank must
+    yield the same number of batches (EvalLoader guarantees it).
+    """
+    was_training = model.training
+    model.eval()
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, count, loss
+    conf = None
+    if confusion:
+        conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    for batch in loader:
+        images = batch["images"].to(device, dtype)
+        labels = batch["labels"].to(device)
+        valid = batch["valid"].to(device)
+        logits = model(images).float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == labels[:, None]
+        stats[0] += (hit[:, 0] & valid).sum()
+        stats[1] += (hit.any(1) & valid).sum()
+        stats[2] += valid.sum()
+        stats[3] += (torch.nn.functional.cross_entropy(logits, labels, reduction="none") * valid).sum()
+        if conf is not None:
+            idx = labels[valid] * num_classes + top[valid, 0]
+            conf += torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    stats = all_reduce_sum(stats)
+    model.train(was_training)
+    n = max(float(stats[2]), 1.0)
+    out = {"top1": 100.0 * float(stats[0]) / n, "top5": 100.0 * float(stats[1]) / n,
+           "loss": float(stats[3]) / n, "count": int(stats[2])}
+    if conf is not None:
+        out["confusion"] = all_reduce_sum(conf).cpu()
+    return out
+
+
+class FinetuneStep:
+    """Micro step: erasing -> mixup/cutmix -> loss. Also runs EMA and periodic evaluation."""
+
+    def __init__(self, cfg: RunConfig, dist: DistInfo, num_classes: int, eval_loader_fn):
+        f = cfg.finetune
+        self.cfg, self.dist, self.num_classes = cfg, dist, num_classes
+        self.erase = RandomErasing(f.reprob, mode="pixel", device=str(dist.device)) if f.reprob > 0 else None
+        mix_on = f.mixup > 0 or f.cutmix > 0
+        self.mixup = Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob,
+                           switch_prob=f.mixup_switch_prob, label_smoothing=f.label_smoothing,
+                           num_classes=num_classes) if mix_on else None
+        if mix_on:
+            self.criterion = SoftTargetCrossEntropy()
+        elif f.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(f.label_smoothing)
+        else:
+            self.criterion = torch.nn.CrossEntropyLoss()
+        self.eval_loader_fn = eval_loader_fn
+        self._eval_loader = None
+        self.ema: Optional[ModelEmaV3] = None
+        self.trainer: Optional[Trainer] = None
+        self.last_eval: dict = {}
+
+    def __call__(self, engine, batch: dict) -> dict[str, torch.Tensor]:
+        device = self.dist.device
+        images = batch["images"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        if self.erase is not None:
+            images = self.erase(images)
+        if self.mixup is not None:
+            if images.shape[0] % 2:
+                raise ConfigError("Mixup/CutMix need an even micro batch: set finetune.micro_batch_size to an even number")
+            images, labels = self.mixup(images, labels)
+        logits = engine(images.to(self.trainer.dtype))
+        return {"loss": self.criterion(logits.float(), labels)}
+
+    # -- hooks -------------------------------------------------------------------------
+    def step_hook(self, trainer: Trainer) -> None:
+        if self.ema is not None:
+            self.ema.update(trainer.module, step=trainer.state.step)
+        every = self.cfg.finetune.eval_every * trainer.steps_per_epoch
+        if trainer.state.step % every == 0 or trainer.state.step == trainer.total_steps:
+            self.run_eval(trainer)
+
+    def run_eval(self, trainer: Trainer, final: bool = False) -> dict:
+        if self._eval_loader is None:
+            self._eval_loader = self.eval_loader_fn()
+        res = evaluate(trainer.module, self._eval_loader, self.dist.device, trainer.dtype)
+        scalars = {"eval/top1": res["top1"], "eval/top5": res["top5"], "eval/loss": res["loss"]}
+        if self.ema is not None:
+            ema_res = evaluate(self.ema.module, self._eval_loader, self.dist.device, torch.float32)
+            scalars.update({"eval/ema_top1": ema_res["top1"], "eval/ema_top5": ema_res["top5"]})
+            res["ema_top1"], res["ema_top5"] = ema_res["top1"], ema_res["top5"]
+        trainer.logger.scalars(scalars, trainer.state.samples_seen)
+        trainer.logger.flush()
+        best = trainer.state.extra.get("best_top1", -1.0)
+        if res["top1"] > best:
+            trainer.state.extra["best_top1"] = res["top1"]
+            trainer.state.extra["best_step"] = trainer.state.step
+            if self.dist.is_main:
+                _save_best(trainer, res)
+        if self.dist.is_main:
+            print(f"[finetune] eval step {trainer.state.step}: top1 {res['top1']:.2f} top5 {res['top5']:.2f} "
+                  f"({res['count']} images)" + (f" | EMA top1 {res['ema_top1']:.2f}" if "ema_top1" in res else "")
+                  + f" | best {trainer.state.extra['best_top1']:.2f}", flush=True)
+        self.last_eval = res
+        return res
+
+
+def _save_best(trainer: Trainer, res: dict) -> None:
+    """Best weights as a plain timm state dict (the 'best' checkpoint users keep)."""
+    path = trainer.run_dir / "best.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().float().cpu() for k, v in trainer.module.state_dict().items()}
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    meta = {"step": trainer.state.step, "top1": res["top1"], "top5": res["top5"]}
+    (trainer.run_dir / "best.json").write_text(json.dumps(meta) + "\n")
+
+
+def init_weights(model: torch.nn.Module, init: Optional[str], dist: DistInfo) -> Optional[dict]:
+    """Load a pre-trained backbone (run dir, tag dir, exported or release file) into the classifier."""
+    if not init:
+        return None
+    from mapet_ds.engine.export import load_any_checkpoint
+
+    state, meta = load_any_checkpoint(init)
+    report = load_backbone_into_classifier(model, state)
+    if dist.is_main:
+        print(f"[finetune] initialised from {init}: {len(state)} tensors; not in checkpoint (new): "
+              f"{', '.join(report['missing']) or 'none'}", flush=True)
+    return report
+
+
+def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Trainer, FinetuneStep]:
+    from mapet_ds.pipelines import eval_loader, finetune_train_loader
+
+    d, f = cfg.data, cfg.finetune
+    if d.train_list is None or d.val_list is None:
+        raise ConfigError("data.train_list and data.val_list must both be set for fine-tuning")
+    train_fl = read_filelist(d.train_list, d.root)
+    val_fl = read_filelist(d.val_list, d.root)
+    num_classes = f.num_classes or max(train_fl.num_classes, val_fl.num_classes)
+    torch.manual_seed(f.seed)
+    model = build_classifier(cfg.model, num_classes)
+    init_weights(model, f.init, dist)
+
+    def build_loader(micro_batch: int, state: Optional[str]):
+        return finetune_train_loader(
+            train_fl, img_size=cfg.model.img_size, batch_size=micro_batch, shard_id=dist.rank,
+            num_shards=dist.world_size, seed=f.seed, num_threads=d.num_threads, device=d.decode,
+            scale=d.scale, hflip=d.hflip, rand_augment=d.rand_augment, mean=d.mean, std=d.std, checkpoint=state)
+
+    def build_eval():
+        micro = trainer.micro_batch
+        return eval_loader(val_fl, img_size=cfg.model.img_size, batch_size=micro, shard_id=dist.rank,
+                           num_shards=dist.world_size, num_threads=d.num_threads, device=d.decode,
+                           crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
+
+    step = FinetuneStep(cfg, dist, num_classes, build_eval)
+    flops = classifier_forward_flops(cfg.model, num_classes)
+    trainer = Trainer(cfg, "finetune", ds_config, model, dist, build_loader, step, flops_per_image=flops.total,
+                      layer_decay=cfg.optim.layer_decay, step_hook=step.step_hook,
+                      client_state_fn=lambda: {"ema": step.ema.state_dict()} if step.ema is not None else {})
+    step.trainer = trainer
+    if f.ema_decay is not None:
+        step.ema = ModelEmaV3(trainer.module, decay=f.ema_decay)
+        ema_state = trainer.resumed_client.get("ema") if trainer.resumed_client else None
+        if ema_state is not None:
+            step.ema.load_state_dict(ema_state)
+    return trainer, step
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, description: str = "ViT fine-tuning with DeepSpeed"):
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", help="YAML recipe (launch/recipes/*.yaml)")
+    ap.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default="ds_configs/zero2.json")
+    ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. finetune.init=runs/pretrain")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        dist = init_distributed(args.local_rank)
+        trainer, step = build_trainer(cfg, args.ds_config, dist)
+        trainer.fit()
+        res = step.last_eval
+        if dist.is_main:
+            summary = {"top1": res.get("top1"), "top5": res.get("top5"),
+                       "best_top1": trainer.state.extra.get("best_top1"), "run_dir": str(trainer.run_dir)}
+            (trainer.run_dir / "summary.json").write_text(json.dumps(summary) + "\n")
+            print(f"[finetune] done: {json.dumps(summary)}", flush=True)
+        trainer.close()
+    except (ConfigError, FileListError, CheckpointError, NonFiniteStop, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
