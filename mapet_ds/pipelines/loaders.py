@@ -1,0 +1,319 @@
+"""Iterable loaders over the DALI graphs, and the public builder functions.
+
+* ``TrainLoader`` (pre-training, fine-tune train): yields batches forever, the same
+  number per epoch on every rank, and can save/restore its exact position.
+* ``EvalLoader``: one epoch per ``iter()``, the same number of batches on every rank,
+  with a ``valid`` mask so summing over ranks counts every sample exactly once.
+* ``TokenizerViewLoader``: one pass over the shard in file-list order, no padding.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from mapet_ds.filelist import FileList, shard_indices
+from mapet_ds.pipelines import common as C
+from mapet_ds.pipelines import graphs as G
+from mapet_ds.pipelines.randaugment import parse_rand_augment
+
+STATE_FORMAT = "mapet_ds.pipelines/1"
+
+
+class TrainLoader:
+    """Endless training batches from one DALI pipeline; epochs reshuffled from ``seed``.
+
+    Every rank yields ``steps_per_epoch = (len(list) // num_shards) // batch_size``
+    batches per epoch (the smallest shard's full batches) so that ranks stay in step;
+    the remainder of each rank's reader epoch (a partial, padded batch and, on larger
+    shards, maybe one more) is read and dropped before the next epoch starts.
+
+    ``state()`` returns a JSON string: the DALI pipeline checkpoint (reader position and
+    every RNG state, taken after the batches already returned, so prefetched batches
+    are not lost) plus the epoch/step counters. Building the same loader with
+    ``checkpoint=state`` continues with exactly the batches this one would yield next.
+    """
+
+    def __init__(self, *, kind: str, fl: FileList, batch_size: int, shard_id: int, num_shards: int,
+                 mode: str, signature: dict, build: Callable[[bytes | None], object],
+                 outputs: Sequence[str], with_labels: bool, checkpoint: str | bytes | None):
+        self.kind = kind
+        self._list_path = fl.list_path
+        self.batch_size = batch_size
+        self.shard_id, self.num_shards = shard_id, num_shards
+        n = len(fl)
+        self.steps_per_epoch = (n // num_shards) // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{fl.list_path}: {n} samples over {num_shards} rank(s) give no full batch of {batch_size} "
+                f"per rank: lower the batch size or use a larger list"
+            )
+        self._reader_batches = C.train_reader_batches(n, num_shards, batch_size)
+        self._signature = {"kind": kind, "filelist_digest": fl.digest(), "num_samples": n,
+                           "batch_size": batch_size, "shard_id": shard_id, "num_shards": num_shards, **signature}
+        self._epoch, self._step = 0, 0  # position of the reader: epoch, batches taken in it
+        dali_ckpt = None
+        if checkpoint is not None:
+            dali_ckpt = self._load_state(checkpoint)
+        self._device = C.torch_device(mode)
+        self._outputs = tuple(outputs)
+        self._labels = torch.tensor(fl.labels, dtype=torch.int64) if with_labels else None
+        self._pipe = build(dali_ckpt)
+
+    # -- position -------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch (= batches returned so far // steps_per_epoch)."""
+        return self._epoch + (self._step >= self.steps_per_epoch)
+
+    @property
+    def step_in_epoch(self) -> int:
+        """Index within its epoch of the next batch."""
+        return self._step % self.steps_per_epoch
+
+    @property
+    def batches_returned(self) -> int:
+        return self._epoch * self.steps_per_epoch + self._step
+
+    # -- iteration --------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if self._step >= self.steps_per_epoch:
+            # Drop the rest of this rank's reader epoch so the next epoch starts fresh.
+            for _ in range(self._reader_batches - self._step):
+                C.run_pipeline(self._pipe, self._list_path)
+            self._epoch, self._step = self._epoch + 1, 0
+        tensors = C.dali_to_torch(C.run_pipeline(self._pipe, self._list_path), self._device)
+        self._step += 1
+        batch = dict(zip(self._outputs, tensors))
+        batch["sample_ids"] = batch["sample_ids"].reshape(-1).to(torch.int64)
+        if self._labels is not None:
+            batch["labels"] = self._labels[batch["sample_ids"]].to(self._device, non_blocking=True)
+        return batch
+
+    # -- checkpointing ------------------------------------------------------------------
+    def state(self) -> str:
+        """JSON string: DALI checkpoint + counters + what the loader was built for."""
+        dali = self._pipe.checkpoint()
+        if isinstance(dali, str):
+            dali = dali.encode("latin-1")
+        return json.dumps({"format": STATE_FORMAT, **self._signature, "epoch": self._epoch, "step": self._step,
+                           "dali": base64.b64encode(dali).decode("ascii")})
+
+    def _load_state(self, checkpoint: str | bytes) -> bytes:
+        try:
+            st = json.loads(checkpoint)
+            assert st.get("format") == STATE_FORMAT
+        except (ValueError, AssertionError, TypeError):
+            raise ValueError(f"checkpoint is not a {STATE_FORMAT} loader state (pass what loader.state() returned)") \
+                from None
+        diff = [f"{k}: saved {st.get(k)!r}, now {v!r}" for k, v in self._signature.items()
+                if _jsonable(st.get(k)) != _jsonable(v)]
+        if diff:
+            raise ValueError(f"{self.kind} loader checkpoint does not match this loader ({'; '.join(diff)}): "
+                             f"resume with the same file list, batch size, world size and augmentation settings")
+        self._epoch, self._step = int(st["epoch"]), int(st["step"])
+        return base64.b64decode(st["dali"])
+
+
+def _jsonable(v):
+    return json.loads(json.dumps(v))
+
+
+class EvalLoader:
+    """One epoch of eval batches per ``iter()``; ``len()`` batches on every rank.
+
+    Each batch: images float32 [B,3,S,S], labels int64 [B], sample_ids int64 [B] (CPU),
+    valid bool [B]. Every rank runs ``ceil(ceil(n / num_shards) / B)`` batches (so
+    collectives inside the eval step cannot deadlock): the reader pads this rank's last
+    batch by repeating its last sample, and smaller shards get extra copies of their
+    last batch. Padding rows have valid=False and repeat a real sample id and label, so
+    indexing with them is safe; sum only valid rows.
+    """
+
+    def __init__(self, *, fl: FileList, batch_size: int, shard_id: int, num_shards: int, mode: str,
+                 build: Callable[[], object], image_shape: tuple[int, ...]):
+        n = len(fl)
+        self._list_path = fl.list_path
+        self.batch_size = batch_size
+        self.sample_ids = shard_indices(n, shard_id, num_shards)
+        self.num_batches = math.ceil(math.ceil(n / num_shards) / batch_size)
+        self._reader_batches = math.ceil(len(self.sample_ids) / batch_size)
+        self._device = C.torch_device(mode)
+        self._labels = torch.tensor(fl.labels, dtype=torch.int64)
+        self._image_shape = image_shape
+        # An empty shard (more ranks than samples) has nothing to read: no pipeline,
+        # all-padding batches keep this rank in step with the others.
+        self._pipe = build() if len(self.sample_ids) > 0 else None
+        self._taken = 0  # reader batches taken in the current pass
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        # An earlier pass stopped early: finish its reader epoch so this one starts at the top.
+        while 0 < self._taken < self._reader_batches:
+            C.run_pipeline(self._pipe, self._list_path)
+            self._taken += 1
+        self._taken = 0
+        last = None
+        for i in range(self.num_batches):
+            if i >= self._reader_batches:
+                yield self._padding_batch(last)
+                continue
+            images, ids = C.dali_to_torch(C.run_pipeline(self._pipe, self._list_path), self._device)
+            self._taken += 1
+            ids = ids.reshape(-1).to(torch.int64)
+            pos = torch.arange(i * self.batch_size, (i + 1) * self.batch_size)
+            last = {"images": images, "labels": self._labels[ids].to(self._device), "sample_ids": ids,
+                    "valid": (pos < len(self.sample_ids)).to(self._device)}
+            yield last
+        self._taken = 0
+
+    def _padding_batch(self, last: dict | None) -> dict:
+        B = self.batch_size
+        if last is None:
+            batch = {"images": torch.zeros((B, *self._image_shape), device=self._device),
+                     "labels": torch.zeros(B, dtype=torch.int64, device=self._device),
+                     "sample_ids": torch.zeros(B, dtype=torch.int64)}
+        else:
+            batch = {k: v.clone() for k, v in last.items() if k != "valid"}
+        batch["valid"] = torch.zeros(B, dtype=torch.bool, device=self._device)
+        return batch
+
+
+class TokenizerViewLoader:
+    """Each sample of the shard once, in file-list order, in batches of ``batch_size``
+    (the last one smaller). Batches: images uint8 [B,3,size,size], sample_ids int64 [B] (CPU)."""
+
+    def __init__(self, *, fl: FileList, batch_size: int, shard_id: int, num_shards: int, mode: str,
+                 build: Callable[[], object]):
+        self._list_path = fl.list_path
+        self.batch_size = batch_size
+        self.sample_ids = shard_indices(len(fl), shard_id, num_shards)
+        self._reader_batches = math.ceil(len(self.sample_ids) / batch_size)
+        self._device = C.torch_device(mode)
+        self._pipe = build() if len(self.sample_ids) > 0 else None
+        self._taken = 0
+
+    def __len__(self) -> int:
+        return self._reader_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        # An earlier pass stopped early: finish its reader epoch so this one starts at the top.
+        while 0 < self._taken < self._reader_batches:
+            C.run_pipeline(self._pipe, self._list_path)
+            self._taken += 1
+        self._taken = 0
+        n = len(self.sample_ids)
+        for i in range(self._reader_batches):
+            images, ids = C.dali_to_torch(C.run_pipeline(self._pipe, self._list_path), self._device)
+            self._taken += 1
+            keep = min(self.batch_size, n - i * self.batch_size)  # drop the reader's padding
+            yield {"images": images[:keep], "sample_ids": ids.reshape(-1)[:keep].to(torch.int64)}
+        self._taken = 0
+
+
+# ---------------------------------------------------------------------------------------
+# Public builders (plain keyword arguments; the config layer maps onto them).
+# ---------------------------------------------------------------------------------------
+
+def tokenizer_view_loader(filelist: str | os.PathLike | FileList, *, size: int, batch_size: int, shard_id: int = 0,
+                          num_shards: int = 1, num_threads: int = 2, device: str = "auto") -> TokenizerViewLoader:
+    """The images exactly as the offline tokenizer must see them.
+
+    Centre square crop (side = shorter side), resized to ``size`` (bicubic, antialiased),
+    no augmentation. Yields dicts {"images": uint8 [B,3,size,size] RGB (not normalised),
+    on the GPU in mixed mode; "sample_ids": int64 [B] on the CPU}, covering each sample
+    of the shard exactly once in file-list order.
+    """
+    fl, mode = _prepare(filelist, batch_size, shard_id, num_shards, device)
+    return TokenizerViewLoader(
+        fl=fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
+        build=lambda: G.build_tokenizer_view(fl, size=size, batch_size=batch_size, shard_id=shard_id,
+                                             num_shards=num_shards, num_threads=num_threads, mode=mode))
+
+
+def pretrain_loader(filelist: str | os.PathLike | FileList, *, img_size: int, batch_size: int, shard_id: int,
+                    num_shards: int, seed: int, num_threads: int = 2, device: str = "auto",
+                    color_jitter: float = 0.4, mean: Sequence[float] = C.IMAGENET_DEFAULT_MEAN,
+                    std: Sequence[float] = C.IMAGENET_DEFAULT_STD, tokenizer_view_size: int | None = None,
+                    random_resized_crop: bool = False, checkpoint: str | bytes | None = None) -> TrainLoader:
+    """Pre-training batches, forever. Each: {"images": float32 [B,3,S,S] normalised,
+    "sample_ids": int64 [B] (CPU), "tok_images": uint8 [B,3,T,T] if tokenizer_view_size}.
+
+    Default view: the tokenizer's centre square crop + colour jitter (brightness,
+    contrast, saturation ``color_jitter``), no flip. ``random_resized_crop``: RRC +
+    flip, identical for both views. ``tok_images`` carry the same jitter as ``images``.
+    """
+    fl, mode = _prepare(filelist, batch_size, shard_id, num_shards, device)
+    if color_jitter < 0:
+        raise ValueError(f"color_jitter={color_jitter}: must be >= 0")
+    kw = dict(img_size=img_size, color_jitter=color_jitter, mean=list(mean), std=list(std),
+              tokenizer_view_size=tokenizer_view_size, random_resized_crop=random_resized_crop)
+    return TrainLoader(
+        kind="pretrain", fl=fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
+        signature={"seed": seed, **kw}, outputs=G.pretrain_outputs(bool(tokenizer_view_size)), with_labels=False,
+        checkpoint=checkpoint,
+        build=lambda ck: G.build_pretrain(fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+                                          seed=seed, num_threads=num_threads, mode=mode, checkpoint=ck, **kw))
+
+
+def finetune_train_loader(filelist: str | os.PathLike | FileList, *, img_size: int, batch_size: int, shard_id: int,
+                          num_shards: int, seed: int, num_threads: int = 2, device: str = "auto",
+                          scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                          hflip: float = 0.5, rand_augment: str | None = "rand-m9-mstd0.5",
+                          mean: Sequence[float] = C.IMAGENET_DEFAULT_MEAN,
+                          std: Sequence[float] = C.IMAGENET_DEFAULT_STD,
+                          checkpoint: str | bytes | None = None) -> TrainLoader:
+    """Fine-tuning batches, forever. Each: {"images": float32 [B,3,S,S] normalised,
+    "labels": int64 [B] class index, "sample_ids": int64 [B] (CPU)}.
+
+    Random resized crop (``scale``, ``ratio``), horizontal flip (prob ``hflip``),
+    timm-style RandAugment string or None; mixup/cutmix/erasing belong to the step.
+    """
+    fl, mode = _prepare(filelist, batch_size, shard_id, num_shards, device)
+    ra = parse_rand_augment(rand_augment) if rand_augment else None
+    if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"scale={tuple(scale)}, ratio={tuple(ratio)}: need 0 < lo <= hi (scale hi <= 1)")
+    kw = dict(img_size=img_size, scale=list(scale), ratio=list(ratio), hflip=hflip, mean=list(mean), std=list(std))
+    return TrainLoader(
+        kind="finetune_train", fl=fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
+        signature={"seed": seed, "rand_augment": rand_augment, **kw}, outputs=G.FINETUNE_OUTPUTS, with_labels=True,
+        checkpoint=checkpoint,
+        build=lambda ck: G.build_finetune_train(fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+                                                seed=seed, num_threads=num_threads, mode=mode, rand_augment=ra,
+                                                checkpoint=ck, **kw))
+
+
+def eval_loader(filelist: str | os.PathLike | FileList, *, img_size: int, batch_size: int, shard_id: int,
+                num_shards: int, num_threads: int = 2, device: str = "auto", crop_pct: float = 224 / 248,
+                interpolation: str = "bicubic", mean: Sequence[float] = C.IMAGENET_DEFAULT_MEAN,
+                std: Sequence[float] = C.IMAGENET_DEFAULT_STD) -> EvalLoader:
+    """Eval batches: resize shorter side to ``floor(img_size / crop_pct)`` (antialiased),
+    centre crop ``img_size``, normalise — timm's eval transform. Each batch: images float32
+    [B,3,S,S], labels int64 [B], sample_ids int64 [B] (CPU), valid bool [B]."""
+    fl, mode = _prepare(filelist, batch_size, shard_id, num_shards, device)
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct={crop_pct}: must be in (0, 1]")
+    scale_size = math.floor(img_size / crop_pct)
+    return EvalLoader(
+        fl=fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
+        image_shape=(3, img_size, img_size),
+        build=lambda: G.build_eval(fl, img_size=img_size, batch_size=batch_size, shard_id=shard_id,
+                                   num_shards=num_shards, num_threads=num_threads, mode=mode, scale_size=scale_size,
+                                   interpolation=interpolation, mean=mean, std=std))
+
+
+def _prepare(filelist, batch_size: int, shard_id: int, num_shards: int, device: str) -> tuple[FileList, str]:
+    C.check_batch_size(batch_size)
+    C.check_shard(shard_id, num_shards)
+    mode = C.resolve_device(device)
+    return C.load_filelist(filelist), mode
