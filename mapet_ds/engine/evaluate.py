@@ -52,6 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         dist = init_distributed(args.local_rank)
         state, meta = load_any_checkpoint(args.checkpoint, use_ema=args.ema)
+        if not args.knn and meta.get("num_classes", 0) == 0:
+            raise CheckpointError(f"{args.checkpoint} has no classifier head: fine-tune it first, or use --knn")
         cfg = load_config(_find_config(Path(args.checkpoint), meta, args.config), args.overrides)
         d = cfg.data
         val_path = args.filelist or d.val_list
@@ -80,8 +82,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             res = knn_eval(tf, tl, vf, vl, k=args.k, num_classes=max(train.num_classes, val.num_classes))
             res = {"knn_top1": res["top1"], "knn_top5": res["top5"], "count": int(vl.numel())}
         else:
-            if meta.get("num_classes", 0) == 0:
-                raise CheckpointError(f"{args.checkpoint} has no classifier head: fine-tune it first, or use --knn")
             model = build_classifier(cfg.model, meta["num_classes"])
             model.load_state_dict(state, strict=True)
             model.to(dist.device)

@@ -193,13 +193,13 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
     flops = classifier_forward_flops(cfg.model, num_classes)
     trainer = Trainer(cfg, "finetune", ds_config, model, dist, build_loader, step, flops_per_image=flops.total,
                       layer_decay=cfg.optim.layer_decay, step_hook=step.step_hook,
-                      client_state_fn=lambda: {"ema": step.ema.state_dict()} if step.ema is not None else {})
+                      client_state_fn=lambda: {"ema": step.ema.module.state_dict()} if step.ema is not None else {})
     step.trainer = trainer
     if f.ema_decay is not None:
         step.ema = ModelEmaV3(trainer.module, decay=f.ema_decay)
         ema_state = trainer.resumed_client.get("ema") if trainer.resumed_client else None
         if ema_state is not None:
-            step.ema.load_state_dict(ema_state)
+            step.ema.module.load_state_dict(ema_state)
     return trainer, step
 
 
