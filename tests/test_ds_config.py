@@ -1,6 +1,5 @@
 """DeepSpeed JSON cross-checks against our config."""
 
-import json
 
 import pytest
 import torch

@@ -2,13 +2,11 @@
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import REPO, run_py
 
 PRETRAIN = REPO / "launch/pretrain.py"

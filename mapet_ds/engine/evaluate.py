@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
 from mapet_ds.config import ConfigError, load_config
+from mapet_ds.engine.cli import run_job
 from mapet_ds.engine.dist import init_distributed
-from mapet_ds.filelist import FileListError, read_filelist
+from mapet_ds.filelist import read_filelist
 from mapet_ds.models.classifier import CheckpointError, build_classifier
 
 
@@ -45,7 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--local_rank", type=int, default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    try:
+
+    def job():
         from mapet_ds.engine.export import load_any_checkpoint
         from mapet_ds.engine.finetune import evaluate
         from mapet_ds.pipelines import eval_loader
@@ -89,7 +89,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             res.pop("confusion", None)
         if dist.is_main:
             print(json.dumps({"checkpoint": str(args.checkpoint), "filelist": str(val_path), **res}), flush=True)
-    except (ConfigError, FileListError, CheckpointError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+    return run_job(job)

@@ -10,11 +10,8 @@ sample counted once whatever the world size; optional EMA weights evaluated alon
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -24,10 +21,11 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 from mapet_ds.config import ConfigError, RunConfig, load_config
+from mapet_ds.engine.cli import job_parser, run_job
 from mapet_ds.engine.dist import DistInfo, all_reduce_sum, init_distributed
-from mapet_ds.engine.trainer import NonFiniteStop, Trainer
-from mapet_ds.filelist import FileListError, read_filelist
-from mapet_ds.models.classifier import CheckpointError, build_classifier, load_backbone_into_classifier
+from mapet_ds.engine.trainer import Trainer
+from mapet_ds.filelist import read_filelist
+from mapet_ds.models.classifier import build_classifier, load_backbone_into_classifier
 from mapet_ds.models.flops import classifier_forward_flops
 
 
@@ -203,18 +201,10 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
     return trainer, step
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, description: str = "ViT fine-tuning with DeepSpeed"):
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--config", help="YAML recipe (launch/recipes/*.yaml)")
-    ap.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default="ds_configs/zero2.json")
-    ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. finetune.init=runs/pretrain")
-    return ap.parse_args(argv)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
+    args = job_parser("ViT fine-tuning with DeepSpeed").parse_args(argv)
+
+    def job():
         cfg = load_config(args.config, args.overrides)
         dist = init_distributed(args.local_rank)
         trainer, step = build_trainer(cfg, args.ds_config, dist)
@@ -226,7 +216,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             (trainer.run_dir / "summary.json").write_text(json.dumps(summary) + "\n")
             print(f"[finetune] done: {json.dumps(summary)}", flush=True)
         trainer.close()
-    except (ConfigError, FileListError, CheckpointError, NonFiniteStop, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+    return run_job(job)

@@ -6,17 +6,16 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Optional, Sequence
 
 import torch
 
 from mapet_ds.config import ConfigError, RunConfig, load_config
+from mapet_ds.engine.cli import job_parser, run_job
 from mapet_ds.engine.dist import DistInfo, all_reduce_sum, init_distributed
-from mapet_ds.engine.trainer import NonFiniteStop, Trainer
-from mapet_ds.filelist import FileListError, read_filelist
+from mapet_ds.engine.trainer import Trainer
+from mapet_ds.filelist import read_filelist
 from mapet_ds.models.flops import pretrain_forward_flops
 from mapet_ds.models.pretrain import PretrainModel
 
@@ -138,24 +137,13 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
     return trainer
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="MaPeT / PeT / MIM pre-training with DeepSpeed")
-    ap.add_argument("--config", help="YAML recipe (launch/recipes/*.yaml)")
-    ap.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default="ds_configs/zero2.json")
-    ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.drop_path=0.2")
-    return ap.parse_args(argv)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
+    args = job_parser("MaPeT / PeT / MIM pre-training with DeepSpeed").parse_args(argv)
+
+    def job():
         cfg = load_config(args.config, args.overrides)
-        dist = init_distributed(args.local_rank)
-        trainer = build_trainer(cfg, args.ds_config, dist)
+        trainer = build_trainer(cfg, args.ds_config, init_distributed(args.local_rank))
         trainer.fit()
         trainer.close()
-    except (ConfigError, FileListError, NonFiniteStop, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+    return run_job(job)

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
