@@ -195,6 +195,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
     step.trainer = trainer
     if f.ema_decay is not None:
         step.ema = ModelEmaV3(trainer.module, decay=f.ema_decay)
+        step.ema.module.float()  # fp32 EMA even when the engine trains in bf16 (timm lerps across dtypes)
         ema_state = trainer.resumed_client.get("ema") if trainer.resumed_client else None
         if ema_state is not None:
             step.ema.module.load_state_dict(ema_state)
