@@ -1,0 +1,141 @@
+"""Comparison sweep: planning (equal steps / equal compute), a reduced real sweep on the demo
+data (table, figure), and a re-run that skips every finished run."""
+
+import csv
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_py
+
+from mapet_ds.config import load_config
+from mapet_ds.engine.compare import (
+    OBJECTIVES, SweepError, build_plan, check_run_dir, equal_compute_steps, flops_per_step,
+)
+
+COMPARE = REPO / "launch/compare.py"
+RECIPE = """\
+_base_: pretrain.yaml
+objective: {mask_patches: 6, min_block_patches: 2}
+data: {val_list: data/val.txt}
+pretrain: {max_steps: 4, save_every: 4, log_every: 2}
+finetune: {global_batch_size: 16, max_steps: 4, log_every: 2, save_every: 100, eval_every: 100}
+"""
+SWEEP = ["--config", "compare_pt.yaml", "--objectives", "mim,mapet", "--seeds", "0,1", "--out", "runs/compare",
+         "--launcher", "python"]
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("compare_cli", COMPARE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("size", ["tiny", "base"])
+def test_equal_compute_totals_within_one_step(size):
+    fps = {o: flops_per_step(load_config(None, [f"model.size={size}", f"objective.name={o}"])) for o in OBJECTIVES}
+    assert fps["mapet"] > fps["pet"] > fps["mim"]
+    assert 2.0 < fps["mapet"] / fps["mim"] < 3.0  # two streams: ~2.4x MIM per step
+    for ref_steps in (1, 3, 999, 187_500):
+        steps = equal_compute_steps(fps, "mapet", ref_steps)
+        assert steps["mapet"] == ref_steps and steps["mim"] >= steps["pet"] >= ref_steps
+        if ref_steps > 10:
+            assert steps["mim"] > steps["pet"] > ref_steps
+        budget = fps["mapet"] * ref_steps
+        totals = {o: steps[o] * fps[o] for o in fps}
+        for o in fps:
+            assert budget - fps[o] < totals[o] <= budget
+        for a in fps:
+            for b in fps:
+                assert abs(totals[a] - totals[b]) < max(fps[a], fps[b])
+    # a cheaper reference hands the expensive objective fewer steps, still within one step
+    steps = equal_compute_steps(fps, "mim", 1000)
+    assert steps["mim"] == 1000 and steps["mapet"] < 1000
+    with pytest.raises(SweepError, match="less than one step of b"):
+        equal_compute_steps({"a": 10, "b": 100}, "a", 1)
+
+
+def test_compute_plan_and_bad_arguments(demo_workspace, monkeypatch, capsys):
+    monkeypatch.chdir(demo_workspace)
+    (demo_workspace / "compare_pt.yaml").write_text(RECIPE)
+    plan = build_plan("compare_pt.yaml", ["mim", "pet", "mapet"], [0, 3], "runs/plan_only", budget="compute")
+    assert plan.reference == "mapet" and plan.steps["mapet"] == 4 and plan.steps["mim"] > plan.steps["pet"] > 4
+    assert len(plan.runs) == 6
+    run = next(r for r in plan.runs if r.objective == "pet" and r.seed == 3)
+    assert f"pretrain.max_steps={plan.steps['pet']}" in run.pretrain_overrides
+    assert {"objective.name=pet", "pretrain.seed=3", "pretrain.output_dir=runs/plan_only/pretrain/pet_seed3"} \
+        <= set(run.pretrain_overrides)
+    assert {"finetune.seed=3", "finetune.init=runs/plan_only/pretrain/pet_seed3"} <= set(run.finetune_overrides)
+    totals = [r.total_flops for r in plan.runs]
+    assert max(totals) - min(totals) < max(plan.step_flops.values())
+    steps_plan = build_plan("compare_pt.yaml", ["mim", "mapet"], [0], "runs/plan_only", overrides=["pretrain.max_steps=9"])
+    assert steps_plan.steps == {"mim": 9, "mapet": 9} and steps_plan.reference is None
+
+    cli = _cli()
+    assert cli.main(["--config", "compare_pt.yaml", "--objectives", "mim,bert"]) == 2
+    assert cli.main(["--config", "compare_pt.yaml", "objective.name=mim"]) == 2
+    assert cli.main(["--config", "pretrain.yaml", "--objectives", "mim"]) == 2  # 75 masked of 16 patches
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == [
+        "error: --objectives: unknown bert (choose from mim, pet, mapet)",
+        "error: override 'objective.name=mim': the sweep sets objective.name itself (use --objectives / --seeds / --out)",
+        "error: pretrain.yaml: objective.mask_patches=75 must be < the 16 patches of model.img_size=64/patch_size=16",
+    ]
+
+
+def test_sweep_table_figure_and_rerun_skips(demo_workspace, monkeypatch, capsys):
+    ws = demo_workspace
+    monkeypatch.chdir(ws)
+    (ws / "compare_pt.yaml").write_text(RECIPE)
+    assert _cli().main(SWEEP) == 0
+    first = capsys.readouterr().out
+    assert first.count(": running") == 8 and "k-NN mapet seed 1: top-1" in first
+    out = ws / "runs/compare"
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted((r["objective"], r["seed"]) for r in rows) == [("mapet", "0"), ("mapet", "1"), ("mim", "0"), ("mim", "1")]
+    for r in rows:
+        assert r["status"] == "ok" and r["pretrain_steps"] == "4"
+        for col in ("pretrain_flops", "pretrain_loss", "token_acc", "finetune_top1", "finetune_top5", "knn_top1",
+                    "pretrain_wall_s", "pretrain_images_per_s", "finetune_wall_s"):
+            assert math.isfinite(float(r[col])), (col, r)
+        assert 0 <= float(r["finetune_top1"]) <= float(r["finetune_top5"]) <= 100
+        assert 3.0 < float(r["pretrain_loss"]) < 5.0  # ~ln(64) at the start of training
+    flops = {r["objective"]: float(r["pretrain_flops"]) for r in rows}
+    assert flops["mapet"] > 1.5 * flops["mim"]
+    md = (out / "results.md").read_text()
+    assert "| mim | 2 |" in md and "| mapet | 2 |" in md and " ± " in md
+    from PIL import Image
+
+    with Image.open(out / "comparison.png") as im:
+        assert im.size == (1100, 420)
+
+    # Re-running the same command launches nothing: every phase is skipped, no file changes.
+    watched = [p for d in ("pretrain", "finetune", "knn", "logs") for p in (out / d).rglob("*") if p.is_file()]
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    proc = run_py([COMPARE, *SWEEP], cwd=ws)
+    assert proc.stdout.count("finished earlier, skipped") == 12 and ": running" not in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in watched} == before
+    assert list(csv.DictReader((out / "results.csv").open())) == rows
+
+    # A folder made with other settings is refused before anything runs.
+    proc = run_py([COMPARE, *SWEEP, "model.drop_path=0.2"], cwd=ws, check=False)
+    assert proc.returncode == 2
+    assert "runs/compare/pretrain/mim_seed0 holds a run with other settings (model.drop_path" in proc.stderr
+    with pytest.raises(SweepError, match="use a new --out"):
+        check_run_dir(str(out / "pretrain/mapet_seed1"), "compare_pt.yaml", ["objective.name=mim"])
+    assert not Path(out / "logs/knn_mim_seed0.log").exists()
+
+    # A pre-training redone after its fine-tune makes that fine-tune stale: refused, not reused.
+    marker = out / "pretrain/mapet_seed0/checkpoints/step00000004/complete.json"
+    st = marker.stat()
+    os.utime(marker, ns=(st.st_atime_ns, st.st_mtime_ns + 10**12))
+    try:
+        capsys.readouterr()
+        assert _cli().main(SWEEP) == 2
+        assert "runs/compare/finetune/mapet_seed0 is older than the pre-training it starts from" in capsys.readouterr().err
+    finally:
+        os.utime(marker, ns=(st.st_atime_ns, st.st_mtime_ns))
