@@ -66,6 +66,10 @@ def test_finetune_two_ranks_from_pretraining(pretrained):
     acc = EventAccumulator(str(ws / "runs/ft2/tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
+    assert "eval/confusion_matrix" in acc.Tags()["images"]
+    from PIL import Image
+
+    assert Image.open(ws / "runs/ft2/confusion_matrix.png").size[0] >= 320
     assert {"train/loss", "eval/top1", "eval/top5", "eval/ema_top1", "opt/lr", "throughput/images_per_sec"} <= tags
 
 

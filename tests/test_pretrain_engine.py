@@ -38,7 +38,7 @@ def test_two_ranks_deepspeed_launcher_zero2(demo_workspace):
     proc = subprocess.run(
         [str(deepspeed), "--num_gpus", "2", "--master_port", str(_port()), str(PRETRAIN),
          "--ds_config", str(ZERO2), "--config", "pretrain.yaml", f"pretrain.output_dir={out}",
-         "pretrain.max_steps=12", "pretrain.save_every=6"],
+         "pretrain.max_steps=12", "pretrain.save_every=6", "pretrain.vis_every=6"],
         cwd=ws, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "micro batch 8 x accum 1 x 2 rank(s), fp32, ZeRO 2" in proc.stdout
@@ -55,6 +55,21 @@ def test_two_ranks_deepspeed_launcher_zero2(demo_workspace):
         assert tag in scalars, f"missing TensorBoard scalar {tag}"
     assert len(scalars["train/loss"]) == 6 and scalars["opt/skipped_steps"][-1] == 0
     assert 1 <= scalars["tokenizer/codes_used"][-1] <= 64
+    # pictures every vis_every steps: TensorBoard images and PNG files of the expected sizes
+    from PIL import Image
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(ws / out / "tb"))
+    acc.Reload()
+    assert {"pretrain/plan", "pretrain/position_accuracy", "tokenizer/token_maps",
+            "tokenizer/code_usage"} <= set(acc.Tags()["images"])
+    vis = ws / out / "vis"
+    assert len(list(vis.glob("step00000006_*.png"))) == 4 and len(list(vis.glob("step00000012_*.png"))) == 4
+    w, h = Image.open(vis / "step00000012_pretrain_position_accuracy.png").size
+    assert (w, h) == (32, 32)  # 8 px per cell of the 4x4 grid
+    w, h = Image.open(vis / "step00000012_pretrain_plan.png").size
+    assert w == 4 * 64 + 3 * 2 and h > 4 * 64  # 4 panels of 64 px per image row, 4 rows + caption
     # the resolved configs are in the run dir
     ds = json.loads((ws / out / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 8

@@ -90,6 +90,7 @@ class FinetuneStep:
         self.ema: Optional[ModelEmaV3] = None
         self.trainer: Optional[Trainer] = None
         self.last_eval: dict = {}
+        self._class_names = None
 
     def __call__(self, engine, batch: dict) -> dict[str, torch.Tensor]:
         device = self.dist.device
@@ -109,13 +110,23 @@ class FinetuneStep:
         if self.ema is not None:
             self.ema.update(trainer.module, step=trainer.state.step)
         every = self.cfg.finetune.eval_every * trainer.steps_per_epoch
-        if trainer.state.step % every == 0 or trainer.state.step == trainer.total_steps:
-            self.run_eval(trainer)
+        final = trainer.state.step == trainer.total_steps
+        if trainer.state.step % every == 0 or final:
+            self.run_eval(trainer, final=final)
 
     def run_eval(self, trainer: Trainer, final: bool = False) -> dict:
         if self._eval_loader is None:
             self._eval_loader = self.eval_loader_fn()
-        res = evaluate(trainer.module, self._eval_loader, self.dist.device, trainer.dtype)
+        res = evaluate(trainer.module, self._eval_loader, self.dist.device, trainer.dtype,
+                       num_classes=self.num_classes, confusion=final)
+        if final and self.dist.is_main:
+            from mapet_ds.engine.visualize import confusion_matrix_image, save_png
+
+            names = self._class_names
+            img = confusion_matrix_image(res.pop("confusion"), names)
+            trainer.logger.image("eval/confusion_matrix", img, trainer.state.samples_seen)
+            save_png(img, trainer.run_dir / "confusion_matrix.png")
+        res.pop("confusion", None)
         scalars = {"eval/top1": res["top1"], "eval/top5": res["top5"], "eval/loss": res["loss"]}
         if self.ema is not None:
             ema_res = evaluate(self.ema.module, self._eval_loader, self.dist.device, torch.float32)
@@ -188,6 +199,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
                            crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
 
     step = FinetuneStep(cfg, dist, num_classes, build_eval)
+    step._class_names = val_fl.classes
     flops = classifier_forward_flops(cfg.model, num_classes)
     trainer = Trainer(cfg, "finetune", ds_config, model, dist, build_loader, step, flops_per_image=flops.total,
                       layer_decay=cfg.optim.layer_decay, step_hook=step.step_hook,
@@ -210,11 +222,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dist = init_distributed(args.local_rank)
         trainer, step = build_trainer(cfg, args.ds_config, dist)
         trainer.fit()
-        res = step.last_eval
+        # resumed after the final checkpoint: no step ran, so evaluate the final weights now
+        res = step.last_eval or step.run_eval(trainer, final=True)
         if dist.is_main:
             summary = {"top1": res.get("top1"), "top5": res.get("top5"),
                        "best_top1": trainer.state.extra.get("best_top1"), "run_dir": str(trainer.run_dir)}
-            (trainer.run_dir / "summary.json").write_text(json.dumps(summary) + "\n")
+            tmp = trainer.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary) + "\n")
+            os.replace(tmp, trainer.run_dir / "summary.json")
             print(f"[finetune] done: {json.dumps(summary)}", flush=True)
         trainer.close()
 

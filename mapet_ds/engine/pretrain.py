@@ -54,6 +54,13 @@ class PretrainStep:
         self.token_table = token_table  # int16 [N_images, grid*grid] on the device
         self.online_tokenizer = online_tokenizer
         self.code_counts = torch.zeros(cfg.tokenizer.vocab_size, dtype=torch.long, device=dist.device)
+        n = cfg.model.num_patches
+        # per-position hits / predictions of the training batches since the last picture
+        self.pos_hits = torch.zeros(n, dtype=torch.long, device=dist.device)
+        self.pos_seen = torch.zeros(n, dtype=torch.long, device=dist.device)
+        self._vis_batch: Optional[dict] = None
+        self._usage_counts = self.code_counts  # replaced by the all-reduced counts at each log
+        self.filelist = None
         self.trainer: Optional[Trainer] = None
         self._fault_nan_from = _fault_step("nan_loss")
 
@@ -69,6 +76,10 @@ class PretrainStep:
         plan = engine.module.sample_plan(images.shape[0], device, self.trainer.plan_generator)
         out = engine(images, tokens, plan)
         self.code_counts += torch.bincount(out["targets"].flatten(), minlength=self.code_counts.numel())
+        if self.cfg.pretrain.vis_every:
+            hits = (out["logits"].detach().argmax(-1) == out["targets"]).long()
+            self.pos_hits.scatter_add_(0, plan.predicted.flatten(), hits.flatten())
+            self.pos_seen.scatter_add_(0, plan.predicted.flatten(), torch.ones_like(hits).flatten())
         loss = out["loss"]
         if self._fault_nan_from is not None and self.trainer.state.step + 1 >= self._fault_nan_from:
             loss = loss * float("nan")  # fault injection for the non-finite tests
@@ -76,12 +87,71 @@ class PretrainStep:
 
     def log_hook(self, trainer: Trainer, means: dict) -> dict:
         counts = all_reduce_sum(self.code_counts).double()
+        self._usage_counts = counts
         self.code_counts.zero_()
         total = counts.sum().clamp(min=1)
         p = counts / total
         ent = -(p[p > 0] * p[p > 0].log()).sum()
         return {"tokenizer/codes_used": float((counts > 0).sum()),
                 "tokenizer/code_perplexity": float(ent.exp())}
+
+
+    # -- pictures (rank 0, every pretrain.vis_every steps) -------------------------------
+    def vis_hook(self, trainer: Trainer) -> None:
+        """Rank 0 alone runs a forward on fixed images: fine with ZeRO <= 2 (full weights on every rank)."""
+        every = self.cfg.pretrain.vis_every
+        if not every or trainer.state.step % every or not self.dist.is_main:
+            return
+        from mapet_ds.engine import visualize as V
+
+        cfg, device = self.cfg, self.dist.device
+        grid = cfg.model.grid
+        if self._vis_batch is None:
+            self._vis_batch = self._fixed_images(trainer)
+        vb = self._vis_batch
+        module = trainer.module
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            plan = module.sample_plan(vb["uint8"].shape[0], device, torch.Generator(device=device).manual_seed(0))
+            out = module(vb["images"].to(trainer.dtype), vb["tokens"], plan)
+        module.train(was_training)
+        step, x = trainer.state.step, trainer.state.samples_seen
+        panels = V.plan_panels(vb["uint8"], plan.rank, plan.predicted, out["targets"], out["logits"].argmax(-1),
+                               cfg.tokenizer.vocab_size, grid)
+        acc = torch.where(self.pos_seen > 0, self.pos_hits.float() / self.pos_seen.clamp(min=1), float("nan"))
+        pictures = {
+            "pretrain/plan": panels,
+            "pretrain/position_accuracy": V.position_accuracy_map(acc.cpu(), grid, size=8 * grid),
+            "tokenizer/token_maps": V.token_map_grid(vb["uint8"], vb["tokens"], cfg.tokenizer.vocab_size),
+            "tokenizer/code_usage": V.code_usage_histogram(self._usage_counts.cpu()),
+        }
+        self.pos_hits.zero_()
+        self.pos_seen.zero_()
+        for tag, img in pictures.items():
+            trainer.logger.image(tag, img, x)
+            V.save_png(img, trainer.run_dir / "vis" / f"step{step:08d}_{tag.replace('/', '_')}.png")
+        trainer.logger.flush()
+
+    def _fixed_images(self, trainer: Trainer, count: int = 4) -> dict:
+        """``count`` images spread over the list (so over classes), as the tokenizer saw them."""
+        from mapet_ds.pipelines import tokenizer_view_loader
+
+        cfg, device, fl = self.cfg, self.dist.device, self.filelist
+        picks = torch.linspace(0, len(fl) - 1, min(count, len(fl))).round().long().unique()
+        sub = type(fl)(fl.list_path, fl.root, [fl.paths[i] for i in picks], [fl.labels[i] for i in picks], fl.classes)
+        batch = next(iter(tokenizer_view_loader(sub, size=cfg.model.img_size, batch_size=len(picks),
+                                                device=cfg.data.decode)))
+        u8 = batch["images"].to(device)
+        mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
+        images = (u8.float() / 255.0 - mean) / std
+        if self.online_tokenizer is not None:
+            with torch.no_grad():
+                tokens = self.online_tokenizer.tokenize(u8)
+        else:  # the sub-list's sample ids index ``picks``: map them back to the full list
+            tokens = self.token_table[picks[batch["sample_ids"]].to(device)].long()
+        return {"uint8": u8, "images": images, "tokens": tokens}
 
 
 def _fault_step(kind: str) -> Optional[int]:
@@ -119,6 +189,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
     torch.manual_seed(cfg.pretrain.seed)  # identical initial weights on every rank and every run
     model = PretrainModel(cfg.model, cfg.objective, cfg.tokenizer.vocab_size)
     step = PretrainStep(cfg, dist, table, tokenizer)
+    step.filelist = fl
     d = cfg.data
 
     def build_loader(micro_batch: int, state: Optional[str]):
@@ -132,7 +203,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
 
     flops = pretrain_forward_flops(cfg.model, cfg.objective.name, model.num_predicted, cfg.tokenizer.vocab_size)
     trainer = Trainer(cfg, "pretrain", ds_config, model, dist, build_loader, step,
-                      flops_per_image=flops.total, log_hook=step.log_hook)
+                      flops_per_image=flops.total, log_hook=step.log_hook, step_hook=step.vis_hook)
     step.trainer = trainer
     return trainer
 
