@@ -21,6 +21,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load_data_tool(name: str):
+    """Import data/<name>.py (a script folder, not a package) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"mapet_data_{name}", REPO / "data" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # so worker processes can unpickle its functions
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_py(args, cwd, env=None, check=True, timeout=600):
     """Run a repository script with this interpreter; returns CompletedProcess (text)."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

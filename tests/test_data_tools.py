@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_data_tool
 from PIL import Image
 
 from mapet_ds.filelist import FileListError, read_filelist
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"mapet_data_{name}", DATA_DIR / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # so worker processes can unpickle its functions
-    spec.loader.exec_module(mod)
-    return mod
-
-
-make_demo = _load_tool("make_demo")
-make_filelist = _load_tool("make_filelist")
-scan = _load_tool("scan")
+make_demo = load_data_tool("make_demo")
+make_filelist = load_data_tool("make_filelist")
+scan = load_data_tool("scan")
 
 
 def _tree_digest(root: Path) -> str:

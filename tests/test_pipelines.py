@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_data_tool
 from PIL import Image
 
 from mapet_ds.filelist import FileListError, read_filelist, write_filelist
@@ -26,24 +24,15 @@ from mapet_ds.pipelines import (
 
 pytest.importorskip("nvidia.dali")
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"mapet_data_{name}", DATA_DIR / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # so worker processes can unpickle its functions
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """20 train + 10 val non-square demo JPEGs (sides 40-50 px), lists beside them."""
     root = tmp_path_factory.mktemp("demo")
-    _load_tool("make_demo").make_demo(root, num_train_per_class=2, num_val_per_class=1, size=40, seed=1)
+    load_data_tool("make_demo").make_demo(root, num_train_per_class=2, num_val_per_class=1, size=40, seed=1)
     return root
 
 
