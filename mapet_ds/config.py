@@ -142,6 +142,9 @@ class DataConfig(_Section):
     rand_augment: Optional[str] = "rand-m9-mstd0.5"
     scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = Field(0.5, ge=0, le=1)
+    # random tensors on the device instead of DALI + token store (throughput / MFU checks)
+    synthetic: bool = False
+    synthetic_samples: int = Field(10000, gt=0)
 
     @field_validator("std")
     @classmethod

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, run_py
 
 PRETRAIN = REPO / "launch/pretrain.py"
@@ -107,10 +109,13 @@ def test_exact_resume_after_kill_and_kill_during_save(demo_workspace):
     assert (partial / "complete.json").exists()
 
 
-def test_nonfinite_steps_are_skipped_counted_then_stop(demo_workspace):
+@pytest.mark.parametrize("ds_name", ["zero2.json", "zero0.json"])
+def test_nonfinite_steps_are_skipped_counted_then_stop(demo_workspace, ds_name):
+    # ZeRO-2: DeepSpeed's overflow check skips; ZeRO-0 fp32: the trainer's own check
     ws = demo_workspace
-    out = ws / "runs/nan"
-    proc = run_py([PRETRAIN, "--ds_config", ZERO2, "--config", "pretrain.yaml", "pretrain.output_dir=runs/nan",
+    out = ws / f"runs/nan_{ds_name}"
+    proc = run_py([PRETRAIN, "--ds_config", REPO / "ds_configs" / ds_name, "--config", "pretrain.yaml",
+                   f"pretrain.output_dir={out}",
                    "pretrain.save_every=2", "pretrain.log_every=1", "pretrain.max_nonfinite=3"],
                   cwd=ws, env={"MAPET_FAULT": "nan_loss:5"}, check=False)
     assert proc.returncode == 2
@@ -121,6 +126,22 @@ def test_nonfinite_steps_are_skipped_counted_then_stop(demo_workspace):
     assert scalars["opt/skipped_steps"][-1] == 3
     steps = sorted(int(p.name[4:]) for p in (out / "checkpoints").glob("step*") if (p / "complete.json").exists())
     assert steps[-1] == 4  # the last good checkpoint is kept; nothing saved after the bad steps
+
+
+def test_zero0_matches_zero2_and_synthetic_data(demo_workspace):
+    ws = demo_workspace
+    for name in ("zero0", "zero2"):
+        run_py([PRETRAIN, "--ds_config", REPO / f"ds_configs/{name}.json", "--config", "pretrain.yaml",
+                f"pretrain.output_dir=runs/cmp_{name}", "pretrain.max_steps=5"], cwd=ws)
+    # same clipping and AdamW update whichever engine path (ZeRO-0 clips in the trainer)
+    assert _losses(ws / "runs/cmp_zero0") == _losses(ws / "runs/cmp_zero2")
+    proc = run_py([PRETRAIN, "--ds_config", ZERO2, "--config", "pretrain.yaml", "pretrain.output_dir=runs/synth",
+                   "pretrain.max_steps=4", "data.synthetic=true", "data.train_list=null",
+                   "tokenizer.token_store=null", "pretrain.vis_every=2"], cwd=ws)
+    recs = _losses(ws / "runs/synth")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and all(3.0 < r["loss"] < 6.0 for r in recs)
+    assert "from scratch: step 0/4" in proc.stdout
+    assert not (ws / "runs/synth/vis").exists()  # no file list, so no fixed images to draw
 
 
 def test_hostfile_two_nodes_on_localhost(demo_workspace, tmp_path):

@@ -14,6 +14,7 @@ import torch
 from mapet_ds.config import ConfigError, RunConfig, load_config
 from mapet_ds.engine.cli import job_parser, run_job
 from mapet_ds.engine.dist import DistInfo, all_reduce_sum, init_distributed
+from mapet_ds.engine.synthetic import SyntheticLoader, synthetic_token_table
 from mapet_ds.engine.trainer import Trainer
 from mapet_ds.filelist import read_filelist
 from mapet_ds.models.flops import pretrain_forward_flops
@@ -100,7 +101,7 @@ class PretrainStep:
     def vis_hook(self, trainer: Trainer) -> None:
         """Rank 0 alone runs a forward on fixed images: fine with ZeRO <= 2 (full weights on every rank)."""
         every = self.cfg.pretrain.vis_every
-        if not every or trainer.state.step % every or not self.dist.is_main:
+        if not every or trainer.state.step % every or not self.dist.is_main or self.filelist is None:
             return
         from mapet_ds.engine import visualize as V
 
@@ -180,19 +181,30 @@ def load_token_table(cfg: RunConfig, filelist, device: torch.device) -> torch.Te
 def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
     from mapet_ds.pipelines import pretrain_loader
 
-    if cfg.data.train_list is None:
-        raise ConfigError("data.train_list is not set: point it at a file list (data/make_filelist.py)")
-    fl = read_filelist(cfg.data.train_list, cfg.data.root)
+    d = cfg.data
     online = cfg.tokenizer.online or cfg.tokenizer.kind in ("vqkd", "dvae")
-    tokenizer = build_online_tokenizer(cfg, dist.device) if online else None
-    table = None if online else load_token_table(cfg, fl, dist.device)
+    if d.synthetic:
+        if online:
+            raise ConfigError("data.synthetic=true needs an offline tokenizer kind (pixel_kmeans or kclip)")
+        fl, tokenizer = None, None
+        table = synthetic_token_table(d.synthetic_samples, cfg.model.grid, cfg.tokenizer.vocab_size, dist.device,
+                                      cfg.pretrain.seed)
+    else:
+        if d.train_list is None:
+            raise ConfigError("data.train_list is not set: point it at a file list (data/make_filelist.py)")
+        fl = read_filelist(d.train_list, d.root)
+        tokenizer = build_online_tokenizer(cfg, dist.device) if online else None
+        table = None if online else load_token_table(cfg, fl, dist.device)
     torch.manual_seed(cfg.pretrain.seed)  # identical initial weights on every rank and every run
     model = PretrainModel(cfg.model, cfg.objective, cfg.tokenizer.vocab_size)
     step = PretrainStep(cfg, dist, table, tokenizer)
     step.filelist = fl
-    d = cfg.data
 
     def build_loader(micro_batch: int, state: Optional[str]):
+        if d.synthetic:
+            return SyntheticLoader(batch_size=micro_batch, img_size=cfg.model.img_size,
+                                   num_samples=d.synthetic_samples, device=dist.device, seed=cfg.pretrain.seed,
+                                   rank=dist.rank, checkpoint=state)
         return pretrain_loader(
             fl, img_size=cfg.model.img_size, batch_size=micro_batch, shard_id=dist.rank,
             num_shards=dist.world_size, seed=cfg.pretrain.seed, num_threads=d.num_threads, device=d.decode,

@@ -85,6 +85,15 @@ class Trainer:
             write_json(ds, self.run_dir / "ds_config.json")
             save_config(cfg, self.run_dir / "config.yaml")
 
+        # DeepSpeed checks gradients for inf/nan only in its ZeRO (>= 1) and bf16/fp16
+        # optimizers; with ZeRO-0 fp32 the client AdamW would apply them. There we check,
+        # skip and clip ourselves (DeepSpeed's clipping cannot run on a skipped step).
+        self._own_nonfinite_check = ds["zero_optimization"].get("stage", 0) == 0 and self.precision == "fp32"
+        self._own_clip = ds["gradient_clipping"] if self._own_nonfinite_check else 0.0
+        self._own_skipped = 0
+        self._own_grad_norm: Optional[float] = None
+        if self._own_nonfinite_check:
+            ds = {**ds, "gradient_clipping": 0.0}
         self.optimizer = build_optimizer(model, cfg.optim, layer_decay)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds)
         self.module = self.engine.module
@@ -169,12 +178,14 @@ class Trainer:
         while st.step < self.total_steps:
             lr, wd = self.schedule.apply(st.step, self.engine.optimizer.param_groups)
             sums: dict[str, torch.Tensor] = {}
-            for _ in range(self.grad_accum):
+            for i in range(self.grad_accum):
                 t0 = time.perf_counter()
                 batch = next(self.loader)
                 wait = time.perf_counter() - t0
                 out = self.micro_step(self.engine, batch)
                 self.engine.backward(out["loss"])
+                if self._own_nonfinite_check and i == self.grad_accum - 1:
+                    self._drop_nonfinite_grads()
                 self.engine.step()
                 n = int(batch["images"].shape[0])
                 thr.add(n, wait)
@@ -184,7 +195,7 @@ class Trainer:
             st.step += 1
             st.samples_seen += self.micro_batch * self.grad_accum * self.dist.world_size
             pending.append((st.step, sums))
-            skipped_now = self.engine.skipped_steps - self._ds_skipped_base
+            skipped_now = self.engine.skipped_steps - self._ds_skipped_base + self._own_skipped
             if skipped_now > st.skipped_steps:  # DeepSpeed found inf/nan gradients and skipped
                 st.skipped_steps = skipped_now
                 st.nonfinite_streak += 1
@@ -223,6 +234,20 @@ class Trainer:
         self.logger.flush()
         return last
 
+    def _drop_nonfinite_grads(self) -> None:
+        """ZeRO-0 fp32, at the accumulation boundary (gradients already all-reduced, so the
+        same on every rank): inf/nan -> drop every gradient, and AdamW leaves all parameters
+        and their state untouched; else clip to optim.clip_grad as DeepSpeed would."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+        self._own_grad_norm = float(norm)  # host sync, once per optimizer step
+        if not math.isfinite(self._own_grad_norm):
+            for p in params:
+                p.grad = None
+            self._own_skipped += 1
+        elif self._own_clip:
+            torch.nn.utils.clip_grad_norm_(params, self._own_clip)
+
     def _flush(self, pending, lr, wd, thr: Throughput, last: dict) -> dict:
         """One sync per log interval: per-step metrics averaged over ranks, then written."""
         if not pending:
@@ -231,7 +256,7 @@ class Trainer:
         table = torch.stack([torch.stack([s[k] for k in keys]) for _, s in pending])  # [steps, keys]
         table = all_reduce_mean(table).cpu()
         dt, ips, wait = thr.read()
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self._own_grad_norm if self._own_nonfinite_check else self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         ips_global = ips * self.dist.world_size
         mfu = None
