@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from mapet_ds.engine import checkpoint as ckpt
+from mapet_ds.engine.ds_config import DEFAULT_DS_CONFIG
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "launch" / "recipes"
 
@@ -61,7 +64,7 @@ def _losses(run_dir: Path) -> list[dict]:
 
 
 def _finished_pretrain(run_dir: Path, steps: int) -> bool:
-    return (run_dir / "checkpoints" / f"step{steps:08d}" / "complete.json").is_file()
+    return (run_dir / "checkpoints" / ckpt.tag_for(steps) / ckpt.MARKER).is_file()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -69,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", default="demo_out", help="where data, tokens, runs and logs go")
     ap.add_argument("--small", action="store_true", default=os.environ.get("MAPET_DEMO_SMALL") == "1",
                     help="tiny CI-size run (also MAPET_DEMO_SMALL=1)")
-    ap.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero2.json"))
+    ap.add_argument("--ds_config", default=DEFAULT_DS_CONFIG)
     args = ap.parse_args(argv)
     size = SIZES["small" if args.small else "full"]
     out = Path(args.out).resolve()

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Callable
 
 from mapet_ds.config import ConfigError
+from mapet_ds.engine.ds_config import DEFAULT_DS_CONFIG
 from mapet_ds.engine.trainer import NonFiniteStop
 from mapet_ds.filelist import FileListError
-
-DEFAULT_DS_CONFIG = str(Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json")
 
 # Errors caused by the user's input or data: printed as one line, exit code 2.
 # (TokenStoreError, CheckpointError, TokenizerWeightsError are ValueErrors.)

@@ -17,6 +17,8 @@ import torch
 
 from mapet_ds.config import ConfigError, OptimConfig, TrainConfig
 
+DEFAULT_DS_CONFIG = str(Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json")
+
 
 def load_ds_json(path: str | os.PathLike) -> dict:
     path = Path(path)

@@ -71,7 +71,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.
 class FinetuneStep:
     """Micro step: erasing -> mixup/cutmix -> loss. Also runs EMA and periodic evaluation."""
 
-    def __init__(self, cfg: RunConfig, dist: DistInfo, num_classes: int, eval_loader_fn):
+    def __init__(self, cfg: RunConfig, dist: DistInfo, num_classes: int, eval_loader_fn,
+                 class_names: Optional[list[str]] = None):
         f = cfg.finetune
         self.cfg, self.dist, self.num_classes = cfg, dist, num_classes
         self.erase = RandomErasing(f.reprob, mode="pixel", device=str(dist.device)) if f.reprob > 0 else None
@@ -90,7 +91,7 @@ class FinetuneStep:
         self.ema: Optional[ModelEmaV3] = None
         self.trainer: Optional[Trainer] = None
         self.last_eval: dict = {}
-        self._class_names = None
+        self.class_names = class_names
 
     def __call__(self, engine, batch: dict) -> dict[str, torch.Tensor]:
         device = self.dist.device
@@ -122,8 +123,7 @@ class FinetuneStep:
         if final and self.dist.is_main:
             from mapet_ds.engine.visualize import confusion_matrix_image, save_png
 
-            names = self._class_names
-            img = confusion_matrix_image(res.pop("confusion"), names)
+            img = confusion_matrix_image(res.pop("confusion"), self.class_names)
             trainer.logger.image("eval/confusion_matrix", img, trainer.state.samples_seen)
             save_png(img, trainer.run_dir / "confusion_matrix.png")
         res.pop("confusion", None)
@@ -198,8 +198,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
                            num_shards=dist.world_size, num_threads=d.num_threads, device=d.decode,
                            crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
 
-    step = FinetuneStep(cfg, dist, num_classes, build_eval)
-    step._class_names = val_fl.classes
+    step = FinetuneStep(cfg, dist, num_classes, build_eval, val_fl.classes)
     flops = classifier_forward_flops(cfg.model, num_classes)
     trainer = Trainer(cfg, "finetune", ds_config, model, dist, build_loader, step, flops_per_image=flops.total,
                       layer_decay=cfg.optim.layer_decay, step_hook=step.step_hook,

@@ -83,11 +83,12 @@ class MetricLogger:
             if v is not None:
                 self.tb.add_scalar(k, v, x)
 
-    def record(self, rec: dict) -> None:
-        if not self.enabled:
+    def records(self, recs: list[dict]) -> None:
+        """Append one JSON line per record (one open per log interval)."""
+        if not self.enabled or not recs:
             return
         with open(self.jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write("".join(json.dumps(r) + "\n" for r in recs))
 
     def image(self, tag: str, img_hwc, x: int) -> None:
         if self.enabled:

@@ -49,7 +49,8 @@ def build_online_tokenizer(cfg: RunConfig, device: torch.device):
 class PretrainStep:
     """One micro step: returns {"loss", "acc"} scalars; keeps target-code counts for logging."""
 
-    def __init__(self, cfg: RunConfig, dist: DistInfo, token_table: Optional[torch.Tensor], online_tokenizer):
+    def __init__(self, cfg: RunConfig, dist: DistInfo, token_table: Optional[torch.Tensor], online_tokenizer,
+                 filelist=None):
         self.cfg = cfg
         self.dist = dist
         self.token_table = token_table  # int16 [N_images, grid*grid] on the device
@@ -61,7 +62,7 @@ class PretrainStep:
         self.pos_seen = torch.zeros(n, dtype=torch.long, device=dist.device)
         self._vis_batch: Optional[dict] = None
         self._usage_counts = self.code_counts  # replaced by the all-reduced counts at each log
-        self.filelist = None
+        self.filelist = filelist  # None with synthetic data: no fixed images to draw
         self.trainer: Optional[Trainer] = None
         self._fault_nan_from = _fault_step("nan_loss")
 
@@ -78,7 +79,7 @@ class PretrainStep:
         out = engine(images, tokens, plan)
         self.code_counts += torch.bincount(out["targets"].flatten(), minlength=self.code_counts.numel())
         if self.cfg.pretrain.vis_every:
-            hits = (out["logits"].detach().argmax(-1) == out["targets"]).long()
+            hits = out["hits"].long()
             self.pos_hits.scatter_add_(0, plan.predicted.flatten(), hits.flatten())
             self.pos_seen.scatter_add_(0, plan.predicted.flatten(), torch.ones_like(hits).flatten())
         loss = out["loss"]
@@ -197,8 +198,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
         table = None if online else load_token_table(cfg, fl, dist.device)
     torch.manual_seed(cfg.pretrain.seed)  # identical initial weights on every rank and every run
     model = PretrainModel(cfg.model, cfg.objective, cfg.tokenizer.vocab_size)
-    step = PretrainStep(cfg, dist, table, tokenizer)
-    step.filelist = fl
+    step = PretrainStep(cfg, dist, table, tokenizer, fl)
 
     def build_loader(micro_batch: int, state: Optional[str]):
         if d.synthetic:

@@ -262,9 +262,8 @@ class Trainer:
         mfu = None
         if self.peak_tflops:
             mfu = 3 * self.flops_per_image * ips / (self.peak_tflops * 1e12)
-        for (step, _), row in zip(pending, table):
-            rec = {"step": step, **{k: float(v) for k, v in zip(keys, row)}}
-            self.logger.record(rec)
+        self.logger.records([{"step": step, **{k: float(v) for k, v in zip(keys, row)}}
+                             for (step, _), row in zip(pending, table)])
         means = {k: float(table[:, i].mean()) for i, k in enumerate(keys)}
         x = self.state.samples_seen
         scalars = {f"train/{'token_acc' if k == 'acc' else k}": v for k, v in means.items()}

@@ -115,7 +115,8 @@ class PretrainModel(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, plan: Plan) -> dict[str, torch.Tensor]:
         """images [B,3,H,W]; tokens int [B,N] visual token ids; plan for this batch.
 
-        Returns loss (mean CE over B*m), acc (token accuracy), logits [B,m,V], targets [B,m].
+        Returns loss (mean CE over B*m), acc (token accuracy), logits [B,m,V], targets [B,m],
+        hits bool [B,m] (argmax == target).
         """
         if plan.kind != self.objective:
             raise ValueError(f"plan is for {plan.kind!r} but the model was built for {self.objective!r}")
@@ -123,5 +124,5 @@ class PretrainModel(nn.Module):
         targets = tokens.long().gather(1, plan.predicted)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         with torch.no_grad():
-            acc = (logits.argmax(-1) == targets).float().mean()
-        return {"loss": loss, "acc": acc, "logits": logits, "targets": targets}
+            hits = logits.argmax(-1) == targets
+        return {"loss": loss, "acc": hits.float().mean(), "logits": logits, "targets": targets, "hits": hits}
