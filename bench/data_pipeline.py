@@ -16,34 +16,33 @@ both sides use the same CPU threads. The last line is one JSON object.
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# Python puts this script's folder first on sys.path; bench/ holds a tokenize.py that would
-# shadow the standard library's (imported by torch via inspect/linecache).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the demo-image generator lives with the dataset tools in data/
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 
-from mapet_ds.filelist import read_filelist, write_filelist  # noqa: E402
-from mapet_ds.pipelines import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, eval_loader, pretrain_loader  # noqa: E402
+from mapet_ds.filelist import read_filelist, write_filelist
+from mapet_ds.pipelines import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    eval_loader,
+    pretrain_loader,
+)
 
 
 def make_images(out: Path, n: int, seed: int = 0) -> Path:
     """n JPEGs, shorter side 320-400 px, and a file list over them."""
-    import numpy as np
-
     import make_demo
+    import numpy as np
 
     entries = []
     for i in range(n):

@@ -9,21 +9,13 @@ Prints one JSON object as its last line: per-objective step times (median of
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# bench/ holds tokenize.py, which would shadow the standard library's `tokenize`:
-# replace the script directory on the import path by the repository root.
-_here = Path(__file__).resolve().parent
-sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
-
 import argparse
 import json
 import platform
 import statistics
 import time
 
-import torch  # noqa: E402
+import torch
 
 from mapet_ds.config import ModelConfig, ObjectiveConfig
 from mapet_ds.models.flops import pretrain_forward_flops

@@ -24,18 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-# bench/ holds tokenize.py, which would shadow the standard library's `tokenize`:
-# replace the script directory on the import path by the repository root.
-_here = Path(__file__).resolve().parent
-sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
-import torch  # noqa: E402
+import torch
 
-from mapet_ds.config import load_config  # noqa: E402
-from mapet_ds.engine.dist import init_distributed  # noqa: E402
-from mapet_ds.engine.ds_config import load_ds_json, resolve_ds_config  # noqa: E402
-from mapet_ds.engine.optim import build_optimizer  # noqa: E402
-from mapet_ds.models.pretrain import PretrainModel  # noqa: E402
+from mapet_ds.config import load_config
+from mapet_ds.engine.dist import init_distributed
+from mapet_ds.engine.ds_config import load_ds_json, resolve_ds_config
+from mapet_ds.engine.optim import build_optimizer
+from mapet_ds.models.pretrain import PretrainModel
 
 
 def _sync(device):

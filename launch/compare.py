@@ -8,18 +8,12 @@ else identical, fine-tune (and k-NN) each result, write a table and a figure.
         [section.key=value ...]          # applied to pre-training and fine-tuning alike
 
 Re-run the same command to resume a sweep: finished runs are skipped, partial ones resume.
-Outputs: <out>/results.csv, results.md, comparison.png (see mapet_ds/engine/compare.py).
+Outputs: <out>/results.csv, results.md, comparison.png (see mapet_ds/analysis/compare.py).
 """
 
 import argparse
-import os
 import shlex
 import sys
-
-# launch/ holds tokenize.py, which would shadow the standard library's `tokenize`:
-# replace the script directory on the import path by the repository root.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,9 +42,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from mapet_ds.analysis.compare import (
+        Sweep,
+        SweepError,
+        build_plan,
+        knn_default,
+        parse_list,
+        resolve_launcher,
+    )
+    from mapet_ds.analysis.report import markdown, write_results
     from mapet_ds.config import ConfigError, load_config
-    from mapet_ds.engine.compare import Sweep, SweepError, build_plan, knn_default, parse_list, resolve_launcher
-    from mapet_ds.engine.compare_report import markdown, write_results
     from mapet_ds.filelist import FileListError
 
     a = parse_args(argv)

@@ -16,21 +16,12 @@ Then, in any program with timm::
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
 import sys
 
-# launch/tokenize.py shadows the standard `tokenize` (imported by inspect/linecache inside
-# pydantic/torch) for every script run from launch/: take launch/ off the import path
-# before anything imports it, and put the repository root there instead.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-sys.path.insert(0, os.path.dirname(_here))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-from mapet_ds.config import ConfigError  # noqa: E402
-from mapet_ds.engine.export import CheckpointError, export_timm, sidecar_path  # noqa: E402
+from mapet_ds.config import ConfigError
+from mapet_ds.interop.export import CheckpointError, export_timm, sidecar_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,15 +5,9 @@
         --config launch/recipes/vit_base_in1k_mapet.yaml [section.key=value ...]
 """
 
-import os
 import sys
 
-# launch/ holds tokenize.py, which would shadow the standard library's `tokenize`:
-# replace the script directory on the import path by the repository root.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
-
-from mapet_ds.engine.pretrain import main  # noqa: E402
+from mapet_ds.engine.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -88,10 +88,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not (tokens / "meta.json").is_file() or not json.loads((tokens / "meta.json").read_text()).get("complete"):
         codebook = out / "tokens" / "codebook.pt"
         if not codebook.is_file():
-            _run([sys.executable, str(REPO / "launch/tokenize.py"), "fit", "--filelist", str(data / "train.txt"),
+            _run([sys.executable, str(REPO / "launch/tokens.py"), "fit", "--filelist", str(data / "train.txt"),
                   "--extractor", "pixel", "--img-size", "64", "--patch-size", "8", "--k", str(size["k"]),
                   "--niter", "20", "--out", str(codebook)], log, "2/5 fit the pixel k-means tokenizer (faiss)")
-        _run([sys.executable, str(REPO / "launch/tokenize.py"), "assign", "--filelist", str(data / "train.txt"),
+        _run([sys.executable, str(REPO / "launch/tokens.py"), "assign", "--filelist", str(data / "train.txt"),
               "--codebook", str(codebook), "--out", str(tokens)], log, "2/5 write the token store")
 
     common = [f"data.train_list={data / 'train.txt'}", f"data.val_list={data / 'val.txt'}"]

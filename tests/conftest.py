@@ -48,9 +48,9 @@ def demo_workspace(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ws")
     run_py([REPO / "data/make_demo.py", "--out", "data", "--num-train-per-class", "16",
             "--num-val-per-class", "5", "--size", "48"], cwd=ws)
-    run_py([REPO / "launch/tokenize.py", "fit", "--filelist", "data/train.txt", "--extractor", "pixel",
+    run_py([REPO / "launch/tokens.py", "fit", "--filelist", "data/train.txt", "--extractor", "pixel",
             "--img-size", "64", "--patch-size", "16", "--k", "64", "--out", "codebook.pt"], cwd=ws)
-    run_py([REPO / "launch/tokenize.py", "assign", "--filelist", "data/train.txt", "--codebook", "codebook.pt",
+    run_py([REPO / "launch/tokens.py", "assign", "--filelist", "data/train.txt", "--codebook", "codebook.pt",
             "--out", "tokens"], cwd=ws)
     (ws / "pretrain.yaml").write_text(
         "model: {size: null, embed_dim: 48, depth: 2, num_heads: 3, img_size: 64, patch_size: 16, drop_path: 0.1}\n"

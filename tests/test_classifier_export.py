@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from mapet_ds.config import ModelConfig, ObjectiveConfig, RunConfig, save_config
-from mapet_ds.engine.export import CheckpointError, export_timm, load_any_checkpoint
-from mapet_ds.engine.knn import extract_features, knn_eval
+from mapet_ds.interop.export import CheckpointError, export_timm, load_any_checkpoint
+from mapet_ds.analysis.knn import extract_features, knn_eval
 from mapet_ds.models.classifier import (
     build_classifier,
     convert_mapet_release,

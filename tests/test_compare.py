@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, run_py
 
 from mapet_ds.config import load_config
-from mapet_ds.engine.compare import (
+from mapet_ds.analysis.compare import (
     OBJECTIVES, SweepError, build_plan, check_run_dir, equal_compute_steps, flops_per_step,
 )
 

@@ -56,7 +56,7 @@ def test_mismatch_errors_name_both_values_and_fix(tmp_path):
     _fill(store)
     store.finalise()
     p = tmp_path / "tok"
-    with pytest.raises(TokenStoreError, match=r"has 10 rows but file list .* has 11 images.*launch/tokenize.py assign"):
+    with pytest.raises(TokenStoreError, match=r"has 10 rows but file list .* has 11 images.*launch/tokens.py assign"):
         TokenStore.open(p, filelist=_filelist(tmp_path, n=11))
     other = _filelist(tmp_path, prefix="other")  # same count, other images
     with pytest.raises(TokenStoreError, match=rf"other images .*digest {fl.digest()[:12]}.*digest {other.digest()[:12]}"):

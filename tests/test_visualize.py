@@ -127,13 +127,13 @@ def test_denormalize_round_trip():
 
 def test_tokens_cli_writes_pngs(demo_workspace):
     ws = demo_workspace
-    proc = run_py(["-m", "mapet_ds.engine.visualize", "tokens", "--store", "tokens", "--filelist", "data/train.txt",
+    proc = run_py(["-m", "mapet_ds.analysis.visualize", "tokens", "--store", "tokens", "--filelist", "data/train.txt",
                    "--num", "6", "--cols", "3", "--out", "vis"], cwd=ws)
     assert "token_maps: vis/token_maps.png" in proc.stdout
     grid = _png(ws / "vis/token_maps.png")
-    side = 64  # the pixel tokenizer's input size (launch/tokenize.py fit --img-size 64)
+    side = 64  # the pixel tokenizer's input size (launch/tokens.py fit --img-size 64)
     assert grid.shape == (2 * side + 3 * V.GAP, 3 * (2 * side + V.PAD) + 4 * V.GAP, 3)
     assert _png(ws / "vis/code_usage.png").shape == (320, 640, 3)
-    bad = run_py(["-m", "mapet_ds.engine.visualize", "tokens", "--store", "nowhere", "--filelist", "data/train.txt"],
+    bad = run_py(["-m", "mapet_ds.analysis.visualize", "tokens", "--store", "nowhere", "--filelist", "data/train.txt"],
                  cwd=ws, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: no token store at nowhere")

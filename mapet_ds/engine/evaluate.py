@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     def job():
-        from mapet_ds.engine.export import load_any_checkpoint
+        from mapet_ds.interop.export import load_any_checkpoint
         from mapet_ds.engine.finetune import evaluate
         from mapet_ds.pipelines import eval_loader
 
@@ -67,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
 
         if args.knn:
-            from mapet_ds.engine.knn import extract_features, knn_eval
+            from mapet_ds.analysis.knn import extract_features, knn_eval
             from mapet_ds.models.vit import build_backbone
 
             if dist.world_size > 1:

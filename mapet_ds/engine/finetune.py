@@ -121,7 +121,7 @@ class FinetuneStep:
         res = evaluate(trainer.module, self._eval_loader, self.dist.device, trainer.dtype,
                        num_classes=self.num_classes, confusion=final)
         if final and self.dist.is_main:
-            from mapet_ds.engine.visualize import confusion_matrix_image, save_png
+            from mapet_ds.analysis.visualize import confusion_matrix_image, save_png
 
             img = confusion_matrix_image(res.pop("confusion"), self.class_names)
             trainer.logger.image("eval/confusion_matrix", img, trainer.state.samples_seen)
@@ -163,7 +163,7 @@ def init_weights(model: torch.nn.Module, init: Optional[str], dist: DistInfo) ->
     """Load a pre-trained backbone (run dir, tag dir, exported or release file) into the classifier."""
     if not init:
         return None
-    from mapet_ds.engine.export import load_any_checkpoint
+    from mapet_ds.interop.export import load_any_checkpoint
 
     state, meta = load_any_checkpoint(init)
     report = load_backbone_into_classifier(model, state)

@@ -170,7 +170,7 @@ def load_token_table(cfg: RunConfig, filelist, device: torch.device) -> torch.Te
     if tk.token_store is None:
         raise ConfigError(
             f"tokenizer.kind={tk.kind!r} is offline and needs tokenizer.token_store=<dir> "
-            f"(make it with `python launch/tokenize.py assign`)"
+            f"(make it with `python launch/tokens.py assign`)"
         )
     store = TokenStore.open(tk.token_store, filelist=filelist, grid=cfg.model.grid)
     if store.vocab > tk.vocab_size:

@@ -190,13 +190,13 @@ class Codebook:
     def load(cls, path: str | os.PathLike) -> "Codebook":
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise CodebookError(f"codebook {path} does not exist (make it with launch/tokenize.py fit --out {path})")
+            raise CodebookError(f"codebook {path} does not exist (make it with launch/tokens.py fit --out {path})")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CodebookError(f"codebook {path} could not be read ({type(e).__name__}): refit it with launch/tokenize.py fit") from e
+            raise CodebookError(f"codebook {path} could not be read ({type(e).__name__}): refit it with launch/tokens.py fit") from e
         if not isinstance(obj, dict) or obj.get("meta", {}).get("format") != FORMAT:
-            raise CodebookError(f"{path} is not a mapet_ds codebook (no '{FORMAT}' metadata): refit it with launch/tokenize.py fit")
+            raise CodebookError(f"{path} is not a mapet_ds codebook (no '{FORMAT}' metadata): refit it with launch/tokens.py fit")
         c = obj["centroids"].float().numpy()
         return cls(np.ascontiguousarray(c), dict(obj["meta"]))
 

@@ -41,12 +41,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mapet_ds.tokenizers.vqkd import (
+from mapet_ds.tokenizers.weights import (
     TokenizerWeightsError,
-    _autocast,
-    _first,
+    autocast_or_off,
     check_state_dict,
     file_sha256,
+    first_items,
     prepare_images,
     unwrap_state_dict,
 )
@@ -178,7 +178,7 @@ class DVAEEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 3, S, S] mapped pixels (see :func:`map_pixels`) -> logits
         [B, vocab_size, S/8, S/8] float32."""
-        with _autocast(x.device, self.amp and x.device.type == "cuda"):
+        with autocast_or_off(x.device, self.amp and x.device.type == "cuda"):
             h = x
             for name, stage in self.blocks.named_children():
                 if name == "output":
@@ -186,7 +186,7 @@ class DVAEEncoder(nn.Module):
                 h = stage(h)
         # The release keeps the output conv in float32 even in its fp16 mode: the
         # argmax over 8192 logits is where low precision would flip tokens.
-        with _autocast(x.device, False):
+        with autocast_or_off(x.device, False):
             return self.blocks.output(h.float())
 
     @torch.no_grad()
@@ -263,7 +263,7 @@ def _read_dvae_state(path: str) -> dict[str, torch.Tensor]:
     if state is None:
         raise TokenizerWeightsError(
             f"dVAE weights {path!r} hold no tensor dict (top level: "
-            f"{_first(list(obj) if isinstance(obj, Mapping) else [type(obj).__name__])}); "
+            f"{first_items(list(obj) if isinstance(obj, Mapping) else [type(obj).__name__])}); "
             f"expected {_DVAE_LAYOUT}")
     return state
 

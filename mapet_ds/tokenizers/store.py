@@ -29,7 +29,7 @@ from mapet_ds.filelist import FileList
 
 MAX_VOCAB = 32767
 FORMAT = "mapet_ds.token_store/1"
-FIX = "re-run `launch/tokenize.py assign` for this file list and tokenizer into a new --out"
+FIX = "re-run `launch/tokens.py assign` for this file list and tokenizer into a new --out"
 
 
 class TokenStoreError(ValueError):
@@ -161,7 +161,7 @@ class TokenStore:
         path = os.fspath(path)
         meta_path = os.path.join(path, cls.META)
         if not os.path.isfile(meta_path):
-            raise TokenStoreError(f"no token store at {path} (no {cls.META}): make it with `launch/tokenize.py assign --out {path}`")
+            raise TokenStoreError(f"no token store at {path} (no {cls.META}): make it with `launch/tokens.py assign --out {path}`")
         try:
             with open(meta_path, encoding="utf-8") as f:
                 meta = json.load(f)
@@ -195,7 +195,7 @@ class TokenStore:
             done = int(store.complete_rows().sum())
             raise TokenStoreError(
                 f"token store {path} is incomplete ({done} of {store.num_images} rows): re-run the same "
-                f"`launch/tokenize.py assign` command to finish it (finished chunks are kept)"
+                f"`launch/tokens.py assign` command to finish it (finished chunks are kept)"
             )
         return store
 

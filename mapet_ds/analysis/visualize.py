@@ -6,7 +6,7 @@ TensorBoard (``writer.add_image(tag, img, step, dataformats="HWC")``) and to a P
 steps); charts (histogram, confusion matrix, comparison) with matplotlib's Agg canvas,
 never pyplot, so no global figure state leaks between calls.
 
-    python -m mapet_ds.engine.visualize tokens --store tokens/train --filelist train.txt --out vis/
+    python -m mapet_ds.analysis.visualize tokens --store tokens/train --filelist train.txt --out vis/
 """
 
 from __future__ import annotations
@@ -445,7 +445,7 @@ def tokenizer_pictures(store_dir: str, filelist: str, out_dir: str, *, root: Opt
     rows = store.complete_rows()
     done = np.flatnonzero(rows)
     if done.size == 0:
-        raise ValueError(f"token store {store_dir} has no complete rows yet (run launch/tokenize.py assign)")
+        raise ValueError(f"token store {store_dir} has no complete rows yet (run launch/tokens.py assign)")
     ids = done[np.linspace(0, done.size - 1, min(num, done.size)).round().astype(np.int64)]
     ids = np.unique(ids)  # spread over the list, so over the classes of a class-sorted list
     extractor = (store.spec.get("extractor") or {}) if isinstance(store.spec, dict) else {}
@@ -467,10 +467,10 @@ def tokenizer_pictures(store_dir: str, filelist: str, out_dir: str, *, root: Opt
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mapet_ds.engine.visualize", description="Write pictures as PNG files")
+    ap = argparse.ArgumentParser(prog="python -m mapet_ds.analysis.visualize", description="Write pictures as PNG files")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("tokens", help="token maps of a few images and the code usage of a token store")
-    t.add_argument("--store", required=True, help="token store directory (launch/tokenize.py assign --out)")
+    t.add_argument("--store", required=True, help="token store directory (launch/tokens.py assign --out)")
     t.add_argument("--filelist", required=True, help="the file list the store was made from")
     t.add_argument("--root", default=None)
     t.add_argument("--num", type=int, default=16, help="images in the grid")

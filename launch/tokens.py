@@ -1,12 +1,12 @@
 """k-means visual tokenizers: fit a codebook, assign tokens to a file list, show usage.
 
     # fit (one process): sample patch features, faiss k-means, save the codebook
-    python launch/tokenize.py fit --filelist train.txt --extractor clip --clip-model RN50x64 \
+    python launch/tokens.py fit --filelist train.txt --extractor clip --clip-model RN50x64 \
         --clip-weights /weights/RN50x64.pt --img-size 224 --patch-size 16 --k 8192 \
         --niter 20 --nredo 5 --out tokenizers/kclip.pt
-    # assign (one or many processes: torchrun --nproc_per_node 8 launch/tokenize.py assign ...)
-    python launch/tokenize.py assign --filelist train.txt --codebook tokenizers/kclip.pt --out tokens/train
-    python launch/tokenize.py stats --store tokens/train
+    # assign (one or many processes: torchrun --nproc_per_node 8 launch/tokens.py assign ...)
+    python launch/tokens.py assign --filelist train.txt --codebook tokenizers/kclip.pt --out tokens/train
+    python launch/tokens.py stats --store tokens/train
 
 ``assign`` is resumable: rerun the same command after a kill and only unfinished
 chunks are redone. With several processes (RANK/WORLD_SIZE set, e.g. by torchrun)
@@ -15,38 +15,21 @@ each rank tokenises its own chunks of the one store.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
-
-_here = os.path.dirname(os.path.abspath(__file__))
-if __name__ == "tokenize":
-    # This file shares its name with the standard library's `tokenize`, and a sibling
-    # script (python launch/x.py puts launch/ first on sys.path) reaches it through
-    # `import inspect` inside torch. Put the real module in its place; the rest of this
-    # file then only defines functions (its imports are lazy) and is never used.
-    import importlib.machinery
-    import importlib.util
-
-    _spec = importlib.machinery.PathFinder.find_spec(
-        "tokenize", [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    )
-    _real = importlib.util.module_from_spec(_spec)
-    sys.modules["tokenize"] = _real
-    _spec.loader.exec_module(_real)
-elif __name__ == "__main__":
-    # Run as a script: the same clash the other way round, so take launch/ off the path
-    # before torch is imported, and put the repository root there.
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
 
 
 def cmd_fit(a: argparse.Namespace) -> None:
     from mapet_ds.filelist import read_filelist
     from mapet_ds.tokenizers import (
-        ClipExtractor, Codebook, PixelPatchExtractor, code_usage, fit_codebook, format_usage, sample_features,
+        ClipExtractor,
+        Codebook,
+        PixelPatchExtractor,
+        code_usage,
+        fit_codebook,
+        format_usage,
+        sample_features,
     )
     from mapet_ds.tokenizers.codebook import codebook_meta
 
@@ -86,7 +69,14 @@ def cmd_fit(a: argparse.Namespace) -> None:
 
 def cmd_assign(a: argparse.Namespace) -> None:
     from mapet_ds.filelist import read_filelist
-    from mapet_ds.tokenizers import Codebook, KMeansTokenizer, assign_tokens, build_extractor, code_usage, format_usage
+    from mapet_ds.tokenizers import (
+        Codebook,
+        KMeansTokenizer,
+        assign_tokens,
+        build_extractor,
+        code_usage,
+        format_usage,
+    )
 
     filelist = read_filelist(a.filelist, root=a.root)
     codebook = Codebook.load(a.codebook)

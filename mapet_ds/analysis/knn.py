@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 
 def _vit(model: nn.Module) -> VisionTransformer:

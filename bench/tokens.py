@@ -1,6 +1,6 @@
 """Benchmark the k-means tokenizers: assign throughput and faiss k-means speed.
 
-    python bench/tokenize.py [--images 256] [--kmeans-n 50000 --kmeans-d 256 --kmeans-k 1024]
+    python bench/tokens.py [--images 256] [--kmeans-n 50000 --kmeans-d 256 --kmeans-k 1024]
 
 - assign: generated JPEGs (--image-px, random shapes) -> DALI tokenizer view ->
   extractor -> nearest centroid -> token store, end to end (``assign_tokens``), for
@@ -15,34 +15,13 @@ The last line printed is one JSON object.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
-
-_here = os.path.dirname(os.path.abspath(__file__))
-if __name__ == "tokenize":
-    # Named like the standard library's `tokenize`, which a sibling benchmark reaches
-    # through `import inspect` inside torch (python bench/x.py puts bench/ first on
-    # sys.path): put the real module in its place. Below, only lazy imports and defs.
-    import importlib.machinery
-    import importlib.util
-
-    _spec = importlib.machinery.PathFinder.find_spec(
-        "tokenize", [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    )
-    _real = importlib.util.module_from_spec(_spec)
-    sys.modules["tokenize"] = _real
-    _spec.loader.exec_module(_real)
-elif __name__ == "__main__":
-    # Run as a script: take bench/ off the path before torch is imported; add the repo root.
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import platform
+import shutil
+import tempfile
+import time
 
 
 def make_images(root: str, n: int, px: int) -> str:
@@ -89,7 +68,13 @@ def tiny_clip_configs(d: str) -> dict[str, str]:
 def bench_assign(name, extractor, filelist, workdir, k, batch_size, num_threads, repeats) -> dict:
     import torch
 
-    from mapet_ds.tokenizers import Codebook, KMeansTokenizer, assign_tokens, fit_codebook, sample_features
+    from mapet_ds.tokenizers import (
+        Codebook,
+        KMeansTokenizer,
+        assign_tokens,
+        fit_codebook,
+        sample_features,
+    )
 
     feats, _ = sample_features(extractor, filelist, k, max_points_per_centroid=64, batch_size=batch_size,
                                num_threads=num_threads, progress=False)

@@ -1,5 +1,5 @@
 """Results of a comparison sweep: one row per objective x seed, per-objective mean ± std,
-written as results.csv, results.md and comparison.png (see mapet_ds.engine.compare).
+written as results.csv, results.md and comparison.png (see mapet_ds.analysis.compare).
 
 Numbers come from the runs' own files: metrics.jsonl (loss, token accuracy per step),
 TensorBoard (throughput), summary.json (fine-tune), knn/*.json, and the sweep's
@@ -18,8 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-from mapet_ds.engine.compare import RunSpec, SweepPlan, read_json
-from mapet_ds.engine.visualize import figure_to_array, new_figure, save_png
+from mapet_ds.analysis.compare import RunSpec, SweepPlan, read_json
+from mapet_ds.analysis.visualize import figure_to_array, new_figure, save_png
 
 COLUMNS = ("objective", "seed", "pretrain_steps", "pretrain_flops", "pretrain_loss", "token_acc",
            "finetune_top1", "finetune_top5", "finetune_best_top1", "knn_top1", "knn_top5",

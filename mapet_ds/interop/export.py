@@ -35,7 +35,7 @@ import torch
 
 from mapet_ds.config import ModelConfig, load_config
 from mapet_ds.engine.checkpoint import MARKER, complete_tags
-from mapet_ds.models.classifier import CheckpointError, convert_mapet_release, is_foreign_layout, strip_prefixes
+from mapet_ds.interop.release import CheckpointError, convert_mapet_release, is_foreign_layout, strip_prefixes
 
 __all__ = [
     "CheckpointError", "load_any_checkpoint", "export_timm", "timm_spec", "convert_mapet_release",
@@ -394,7 +394,7 @@ def export_timm(src: str | os.PathLike, out_path: str | os.PathLike, *, kind: st
         "features": ("forward_head(forward_features(x), pre_logits=True) = fc_norm(mean of patch tokens)"
                      if kwargs["global_pool"] == "avg" else
                      "forward_features(x)[:, 1:].mean(1) = mean of patch tokens after norm (MaPeT trains no CLS "
-                     "objective: prefer it to the CLS token, as mapet_ds.engine.knn does)"),
+                     "objective: prefer it to the CLS token, as mapet_ds.analysis.knn does)"),
         "num_params": int(sum(v.numel() for v in state.values())),
         "source": {k: meta.get(k) for k in ("source", "resolved", "format", "tag", "zero_stage", "weights",
                                              "module", "global_steps", "config")},

@@ -282,9 +282,9 @@ def knn_for_run(cfg: RunConfig, tag_dir: Path, *, k: int = 20, T: float = 0.07, 
     """Weighted k-NN top-1/top-5 of the pre-trained backbone (train list -> val list, eval transform)."""
     import torch
 
-    from mapet_ds.engine.export import load_any_checkpoint
-    from mapet_ds.engine.knn import extract_features, knn_eval
+    from mapet_ds.analysis.knn import extract_features, knn_eval
     from mapet_ds.filelist import FileList, read_filelist
+    from mapet_ds.interop.export import load_any_checkpoint
     from mapet_ds.models.vit import build_backbone
     from mapet_ds.pipelines import eval_loader
 

@@ -1,0 +1,1 @@
+"""Looking at runs: the fair comparison runner and its report, pictures, k-NN evaluation."""
