@@ -7,7 +7,7 @@ import torch
 from conftest import run_py
 from PIL import Image
 
-from mapet_ds.engine import visualize as V
+from mapet_ds.analysis import visualize as V
 from mapet_ds.models.objectives import plan_from_rank, sample_plan
 
 

@@ -104,7 +104,7 @@ class PretrainStep:
         every = self.cfg.pretrain.vis_every
         if not every or trainer.state.step % every or not self.dist.is_main or self.filelist is None:
             return
-        from mapet_ds.engine import visualize as V
+        from mapet_ds.analysis import visualize as V
 
         cfg, device = self.cfg, self.dist.device
         grid = cfg.model.grid
