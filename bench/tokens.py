@@ -78,7 +78,7 @@ def bench_assign(name, extractor, filelist, workdir, k, batch_size, num_threads,
 
     feats, _ = sample_features(extractor, filelist, k, max_points_per_centroid=64, batch_size=batch_size,
                                num_threads=num_threads, progress=False)
-    tokenizer = KMeansTokenizer(extractor, Codebook(fit_codebook(feats, k, niter=5)))
+    tokenizer = KMeansTokenizer(extractor, Codebook(fit_codebook(feats, k, niter=5, nredo=1)))
     best = float("inf")
     for r in range(repeats):
         out = os.path.join(workdir, f"tok_{name}_{r}")
@@ -100,7 +100,7 @@ def bench_kmeans(n, d, k, niter, seed=0) -> dict:
     from mapet_ds.tokenizers import fit_codebook
 
     x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
-    _, stats = fit_codebook(x, k, niter=niter, seed=seed, max_points_per_centroid=max(1, -(-n // k)), return_stats=True)
+    _, stats = fit_codebook(x, k, niter=niter, nredo=1, seed=seed, max_points_per_centroid=max(1, -(-n // k)), return_stats=True)
     per_iter = [s["time"] for s in stats["iterations"]]
     # faiss reports cumulative wall time per iteration: the last one / niter is the mean.
     return {"n": n, "d": d, "k": k, "niter": niter, "gpu": stats["gpu"], "seconds": round(stats["seconds"], 3),

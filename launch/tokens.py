@@ -31,12 +31,16 @@ def cmd_fit(a: argparse.Namespace) -> None:
         format_usage,
         sample_features,
     )
-    from mapet_ds.tokenizers.codebook import codebook_meta
+    from mapet_ds.tokenizers.codebook import codebook_meta, faiss_cpu_fallback_note
 
     if int(os.environ.get("RANK", 0)) != 0:
         print("[fit] runs in one process: rank > 0 has nothing to do")
         return
     filelist = read_filelist(a.filelist, root=a.root)
+    use_gpu = a.faiss_gpu
+    if use_gpu == "auto" and (note := faiss_cpu_fallback_note()) is not None:
+        print(f"[fit] note: {note}", flush=True)  # before the (long) sampling and fit, not after
+        use_gpu = False
     if a.img_size % a.patch_size:
         raise SystemExit(f"--img-size {a.img_size} must be a multiple of --patch-size {a.patch_size}")
     grid = a.img_size // a.patch_size
@@ -56,7 +60,7 @@ def cmd_fit(a: argparse.Namespace) -> None:
           f"({'-'.join(map(str, sorted(set(info['patches_per_image']))))} patches each); {feats.nbytes / 2**30:.2f} GiB", flush=True)
     centroids, stats = fit_codebook(
         feats, a.k, niter=a.niter, nredo=a.nredo, seed=a.seed, max_points_per_centroid=a.max_points_per_centroid,
-        spherical=a.spherical, use_gpu=a.faiss_gpu, verbose=a.verbose, return_stats=True,
+        spherical=a.spherical, use_gpu=use_gpu, verbose=a.verbose, return_stats=True,
     )
     kmeans = {"niter": a.niter, "nredo": a.nredo, "seed": a.seed, "max_points_per_centroid": a.max_points_per_centroid,
               "spherical": a.spherical, "gpu": stats["gpu"], "objective": stats["objective"], "seconds": stats["seconds"]}
@@ -126,12 +130,13 @@ def main(argv=None) -> None:
     f.add_argument("--clip-input-size", type=int, default=None, help="CLIP input px (default: the model's; RN50x64: 448)")
     f.add_argument("--img-size", type=int, default=224, help="ViT input size")
     f.add_argument("--patch-size", type=int, default=16, help="ViT patch size (grid = img-size / patch-size)")
+    # Defaults = the release's k-means (k 8192, 20 iterations, best of 5 runs, <= 512 points per centroid).
     f.add_argument("--k", type=int, default=8192)
     f.add_argument("--max-points-per-centroid", type=int, default=512)
     f.add_argument("--images-fraction", type=float, default=1.0, help="fraction of the list's images to sample from")
     f.add_argument("--patches-per-image", type=int, default=None, help="default: spread the cap over all sampled images")
     f.add_argument("--niter", type=int, default=20)
-    f.add_argument("--nredo", type=int, default=1)
+    f.add_argument("--nredo", type=int, default=5, help="k-means runs, best kept (release: 5)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--spherical", action="store_true")
     f.add_argument("--faiss-gpu", default="auto", type=lambda s: s if s == "auto" else s.lower() in ("1", "true", "yes"))

@@ -90,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not codebook.is_file():
             _run([sys.executable, str(REPO / "launch/tokens.py"), "fit", "--filelist", str(data / "train.txt"),
                   "--extractor", "pixel", "--img-size", "64", "--patch-size", "8", "--k", str(size["k"]),
-                  "--niter", "20", "--out", str(codebook)], log, "2/5 fit the pixel k-means tokenizer (faiss)")
+                  "--niter", "20", "--nredo", "1", "--out", str(codebook)], log, "2/5 fit the pixel k-means tokenizer (faiss)")
         _run([sys.executable, str(REPO / "launch/tokens.py"), "assign", "--filelist", str(data / "train.txt"),
               "--codebook", str(codebook), "--out", str(tokens)], log, "2/5 write the token store")
 

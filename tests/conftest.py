@@ -49,7 +49,7 @@ def demo_workspace(tmp_path_factory):
     run_py([REPO / "data/make_demo.py", "--out", "data", "--num-train-per-class", "16",
             "--num-val-per-class", "5", "--size", "48"], cwd=ws)
     run_py([REPO / "launch/tokens.py", "fit", "--filelist", "data/train.txt", "--extractor", "pixel",
-            "--img-size", "64", "--patch-size", "16", "--k", "64", "--out", "codebook.pt"], cwd=ws)
+            "--img-size", "64", "--patch-size", "16", "--k", "64", "--nredo", "1", "--out", "codebook.pt"], cwd=ws)
     run_py([REPO / "launch/tokens.py", "assign", "--filelist", "data/train.txt", "--codebook", "codebook.pt",
             "--out", "tokens"], cwd=ws)
     (ws / "pretrain.yaml").write_text(

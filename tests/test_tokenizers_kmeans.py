@@ -74,6 +74,45 @@ def test_fit_refuses_bad_k():
         fit_codebook(np.full((10, 4), np.nan, np.float32), 2)
 
 
+def test_fit_cli_defaults_are_the_release(monkeypatch):
+    cli = _cli()
+    seen = []
+    monkeypatch.setattr(cli, "cmd_fit", seen.append)
+    cli.main(["fit", "--filelist", "train.txt", "--out", "cb.pt"])
+    a = seen[0]
+    assert (a.k, a.niter, a.nredo, a.max_points_per_centroid) == (8192, 20, 5, 512)
+    import inspect
+    kw = inspect.signature(fit_codebook).parameters
+    assert (kw["niter"].default, kw["nredo"].default, kw["max_points_per_centroid"].default) == (20, 5, 512)
+
+
+def test_auto_says_cpu_fallback_before_the_fit(monkeypatch, capsys, tmp_path):
+    """A GPU machine with faiss-cpu: the note (with the install command) comes first."""
+    import mapet_ds.tokenizers as T
+    from mapet_ds.tokenizers.codebook import faiss_num_gpus
+
+    assert faiss_num_gpus() == 0  # faiss-cpu in the test environment
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"faiss build has no GPU support, so k-means runs on the CPU .*"
+                                         r"pip uninstall -y faiss-cpu && pip install faiss-gpu-cu13-cuvs"):
+        fit_codebook(x, 4, niter=2, nredo=1, use_gpu="auto")
+
+    class Stop(Exception):
+        pass
+
+    def no_sampling(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(T, "sample_features", no_sampling)
+    monkeypatch.setattr(T, "PixelPatchExtractor", lambda *a, **k: type("E", (), {"spec": lambda self: {}})())
+    with pytest.raises(Stop):
+        _cli().main(["fit", "--filelist", str(write_filelist(tmp_path / "l.txt", [("a.jpg", 0)])), "--out", "cb.pt"])
+    out = capsys.readouterr().out
+    assert out.startswith("[fit] note: torch sees a CUDA GPU but this faiss build has no GPU support")
+    assert "pip install faiss-gpu-cu13-cuvs" in out
+
+
 def test_codebook_save_load(tmp_path):
     cent = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
     Codebook(cent, {"extractor": {"kind": "pixel"}, "kmeans": {"seed": 3}}).save(tmp_path / "cb.pt")
@@ -187,7 +226,7 @@ def test_clip_vit_tokens_and_errors(tiny_clip):
 def test_clip_tokens_in_range(tiny_clip):
     ext = ClipExtractor("mapet-tiny-rn", tiny_clip["mapet-tiny-rn"], 128, grid=4, device="cpu")
     f = ext.extract(torch.randint(0, 256, (8, 3, 128, 128), dtype=torch.uint8)).reshape(-1, ext.dim)
-    cb = Codebook(fit_codebook(f.numpy(), 10, niter=5))
+    cb = Codebook(fit_codebook(f.numpy(), 10, niter=5, nredo=1))
     ids = cb.assign(f)
     assert ids.shape == (128,) and 0 <= int(ids.min()) and int(ids.max()) < 10
 
@@ -219,7 +258,7 @@ def image_set(tmp_path_factory):
 def _fit_pixel(tmp_path, image_set, k=12):
     out = tmp_path / "cb.pt"
     _cli().main(["fit", "--filelist", str(image_set), "--extractor", "pixel", "--img-size", "32", "--patch-size", "8",
-                 "--k", str(k), "--niter", "10", "--batch-size", "8", "--num-threads", "1", "--device", "cpu",
+                 "--k", str(k), "--niter", "10", "--nredo", "1", "--batch-size", "8", "--num-threads", "1", "--device", "cpu",
                  "--out", str(out)])
     return out
 
@@ -332,8 +371,8 @@ def test_clip_cli_fit_assign(tmp_path, image_set, tiny_clip):
     cli = _cli()
     cli.main(["fit", "--filelist", str(image_set), "--extractor", "clip", "--clip-model", "mapet-tiny-vit",
               "--clip-weights", tiny_clip["mapet-tiny-vit"], "--img-size", "64", "--patch-size", "16", "--k", "8",
-              "--niter", "5", "--batch-size", "8", "--num-threads", "1", "--device", "cpu", "--out",
-              str(tmp_path / "kclip.pt")])
+              "--niter", "5", "--nredo", "1", "--batch-size", "8", "--num-threads", "1", "--device", "cpu",
+              "--out", str(tmp_path / "kclip.pt")])
     cb = Codebook.load(tmp_path / "kclip.pt")
     assert cb.meta["extractor"]["grid"] == 4 and cb.dim == 32
     _assign(tmp_path / "kclip.pt", image_set, tmp_path / "tok")

@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,9 +43,27 @@ def faiss_num_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
+FAISS_GPU_INSTALL = "pip uninstall -y faiss-cpu && pip install faiss-gpu-cu13-cuvs (the .[gpu] extra)"
+
+
+def faiss_cpu_fallback_note() -> str | None:
+    """One line when torch sees a GPU that faiss cannot use (faiss-cpu installed), else None.
+
+    use_gpu="auto" then runs k-means on the CPU: at the release's scale that takes hours,
+    so say it before the fit starts, not in its summary.
+    """
+    if not torch.cuda.is_available() or faiss_num_gpus() > 0:
+        return None
+    return ("torch sees a CUDA GPU but this faiss build has no GPU support, so k-means runs on the CPU "
+            f"(slow at the release's scale); for the GPU build: {FAISS_GPU_INSTALL}")
+
+
 def _resolve_use_gpu(use_gpu: bool | str) -> bool:
     n = faiss_num_gpus()
     if use_gpu == "auto":
+        note = faiss_cpu_fallback_note()
+        if note is not None:
+            warnings.warn(note, stacklevel=3)
         return n > 0
     if use_gpu and n == 0:
         raise CodebookError(
@@ -69,7 +88,7 @@ def fit_codebook(
     k: int,
     *,
     niter: int = 20,
-    nredo: int = 1,
+    nredo: int = 5,
     seed: int = 0,
     max_points_per_centroid: int = 512,
     spherical: bool = False,
