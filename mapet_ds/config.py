@@ -138,6 +138,7 @@ class DataConfig(_Section):
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
     crop_pct: float = Field(224 / 248, gt=0, le=1)
+    # resize kernel of the eval view and of the fine-tune random resized crop (timm: bicubic)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     rand_augment: Optional[str] = "rand-m9-mstd0.5"
     scale: tuple[float, float] = (0.08, 1.0)

@@ -247,6 +247,33 @@ def test_finetune_labels_follow_list_and_resume_exactly(demo):
     _assert_same_batches([next(resumed) for _ in range(3)], expected)
 
 
+def _square_list(tmp_path, n=4, side=48):
+    rng = np.random.default_rng(3)
+    entries = []
+    for i in range(n):
+        a = np.clip(rng.normal(128, 60, (side // 4, side // 4, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(a).resize((side, side), Image.NEAREST).save(tmp_path / f"sq{i}.png")  # sharp edges
+        entries.append((f"sq{i}.png", i % 2))
+    return write_filelist(tmp_path / "sq.txt", entries)
+
+
+@pytest.mark.parametrize("interp", ["bicubic", "bilinear"])
+def test_finetune_crop_resize_follows_interpolation(tmp_path, interp):
+    """With the crop pinned to the whole (square) image, the fine-tune view is the eval view
+    (crop_pct 1) resized with the same kernel, and differs from the other kernel's."""
+    fl = read_filelist(_square_list(tmp_path))
+    kw = dict(img_size=20, batch_size=4, shard_id=0, num_shards=1, device="cpu")
+    ft = next(finetune_train_loader(fl, seed=0, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, rand_augment=None,
+                                    interpolation=interp, **kw))
+    order = ft["sample_ids"].argsort()
+    ref = {k: next(iter(eval_loader(fl, crop_pct=1.0, interpolation=k, **kw)))["images"]
+           for k in ("bicubic", "bilinear")}
+    other = "bilinear" if interp == "bicubic" else "bicubic"
+    same = (_to_pixels(ft["images"][order]) - _to_pixels(ref[interp])).abs()
+    diff = (_to_pixels(ft["images"][order]) - _to_pixels(ref[other])).abs()
+    assert same.max() < 0.01 and diff.max() > 5, (same.max(), diff.max())
+
+
 def test_parse_rand_augment():
     ra = parse_rand_augment("rand-m9-mstd0.5-inc1")
     assert (ra.magnitude, ra.num_ops, ra.magnitude_std, ra.increasing) == (9.0, 2, 0.5, True)

@@ -115,16 +115,19 @@ def build_pretrain(fl: FileList, *, img_size: int, batch_size: int, shard_id: in
 def build_finetune_train(fl: FileList, *, img_size: int, batch_size: int, shard_id: int, num_shards: int,
                          seed: int, num_threads: int, mode: str, scale: Sequence[float], ratio: Sequence[float],
                          hflip: float, rand_augment: RandAugmentSpec | None, mean: Sequence[float],
-                         std: Sequence[float], checkpoint: bytes | None):
-    """RRC + flip + RandAugment + normalise. -> images float32 [B,3,S,S], ids [B]."""
+                         std: Sequence[float], checkpoint: bytes | None, interpolation: str = "bicubic"):
+    """RRC (resized with ``interpolation``, timm's RandomResizedCropAndInterpolation) + flip +
+    RandAugment + normalise. -> images float32 [B,3,S,S], ids [B]."""
     from nvidia.dali import fn, types
+
+    interp = _interp(interpolation)
 
     def graph():
         jpegs, ids = C.file_reader(fl, shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed)
         img = fn.decoders.image_random_crop(jpegs, device=mode, output_type=types.RGB,
                                             random_area=list(scale), random_aspect_ratio=list(ratio),
                                             num_attempts=10)
-        img = fn.resize(img, size=[img_size, img_size], interp_type=types.INTERP_LINEAR, antialias=True)
+        img = fn.resize(img, size=[img_size, img_size], interp_type=interp, antialias=True)
         if rand_augment is not None:
             img = apply_rand_augment(img, rand_augment, img_size=img_size)
         flip = fn.random.coin_flip(probability=hflip) if hflip > 0 else None

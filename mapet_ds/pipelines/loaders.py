@@ -272,18 +272,20 @@ def finetune_train_loader(filelist: str | os.PathLike | FileList, *, img_size: i
                           hflip: float = 0.5, rand_augment: str | None = "rand-m9-mstd0.5",
                           mean: Sequence[float] = C.IMAGENET_DEFAULT_MEAN,
                           std: Sequence[float] = C.IMAGENET_DEFAULT_STD,
-                          checkpoint: str | bytes | None = None) -> TrainLoader:
+                          checkpoint: str | bytes | None = None, interpolation: str = "bicubic") -> TrainLoader:
     """Fine-tuning batches, forever. Each: {"images": float32 [B,3,S,S] normalised,
     "labels": int64 [B] class index, "sample_ids": int64 [B] (CPU)}.
 
-    Random resized crop (``scale``, ``ratio``), horizontal flip (prob ``hflip``),
+    Random resized crop (``scale``, ``ratio``, resized with ``interpolation`` as timm's
+    ``RandomResizedCropAndInterpolation``: bicubic by default), horizontal flip (prob ``hflip``),
     timm-style RandAugment string or None; mixup/cutmix/erasing belong to the step.
     """
     fl, mode = _prepare(filelist, batch_size, shard_id, num_shards, device)
     ra = parse_rand_augment(rand_augment) if rand_augment else None
     if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
         raise ValueError(f"scale={tuple(scale)}, ratio={tuple(ratio)}: need 0 < lo <= hi (scale hi <= 1)")
-    kw = dict(img_size=img_size, scale=list(scale), ratio=list(ratio), hflip=hflip, mean=list(mean), std=list(std))
+    kw = dict(img_size=img_size, scale=list(scale), ratio=list(ratio), hflip=hflip, mean=list(mean), std=list(std),
+              interpolation=interpolation)
     return TrainLoader(
         kind="finetune_train", fl=fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
         signature={"seed": seed, "rand_augment": rand_augment, **kw}, outputs=G.FINETUNE_OUTPUTS, with_labels=True,
