@@ -134,6 +134,8 @@ class DataConfig(_Section):
     num_threads: int = Field(4, gt=0)
     decode: Literal["auto", "cpu", "mixed"] = "auto"
     color_jitter: float = Field(0.4, ge=0)
+    # pre-training: one RRC + flip shared by the ViT and tokenizer views; online tokenizers only
+    # (an offline token store holds the centre-square view's tokens; refused with those)
     random_resized_crop: bool = False
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
@@ -239,6 +241,12 @@ class RunConfig(_Section):
         if obj.name == "mim" and obj.min_block_patches > obj.mask_patches:
             raise ValueError(
                 f"objective.min_block_patches={obj.min_block_patches} exceeds mask_patches={obj.mask_patches}"
+            )
+        if self.data.random_resized_crop and self.tokenizer.kind not in ("vqkd", "dvae"):
+            raise ValueError(
+                f"data.random_resized_crop=true with the offline tokenizer.kind={self.tokenizer.kind!r}: its token "
+                f"store holds the tokens of the centre-square view, so a random crop would train every patch on "
+                f"another patch's target; set data.random_resized_crop=false, or use an online tokenizer (vqkd, dvae)"
             )
         m = obj.num_predicted(n)
         if obj.name != "mim" and not 1 <= m < n:

@@ -45,6 +45,9 @@ def test_round_trip(tmp_path):
         (["model.size=huge"], "model.size='huge': must be one of 'tiny', 'small', 'base' or 'large'"),
         (["optim.betas=[0.9, 1.5]"], "optim.betas=[0.9, 1.5]: betas must be in [0, 1)"),
         (["model.size=null", "model.depth=4"], "set model.size or all of embed_dim/depth/num_heads (missing: embed_dim, num_heads)"),
+        (["data.random_resized_crop=true"], "data.random_resized_crop=true with the offline tokenizer.kind='kclip': "
+         "its token store holds the tokens of the centre-square view, so a random crop would train every patch on "
+         "another patch's target; set data.random_resized_crop=false, or use an online tokenizer (vqkd, dvae)"),
     ],
 )
 def test_rejections_are_one_line_and_name_the_field(overrides, expected):
@@ -69,3 +72,11 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 def test_runconfig_is_typed():
     cfg = RunConfig()
     assert cfg.objective.name == "mapet" and cfg.optim.clip_grad == 3.0
+
+
+def test_random_crop_needs_online_tokens():
+    """The demo recipe (offline pixel k-means store) refuses a random crop; vqkd/dvae keep it."""
+    with pytest.raises(ConfigError, match=r"offline tokenizer.kind='pixel_kmeans'"):
+        load_config("launch/recipes/demo_pretrain.yaml", ["data.random_resized_crop=true"])
+    for kind in ("vqkd", "dvae"):
+        assert load_config(None, ["data.random_resized_crop=true", f"tokenizer.kind={kind}"]).data.random_resized_crop

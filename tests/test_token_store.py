@@ -112,3 +112,57 @@ def test_code_usage_counts_and_perplexity():
     assert usage_scalars(u)["tokens/codes_used"] == 4.0
     with pytest.raises(ValueError, match="token id 9 >= vocab 8"):
         code_usage(np.array([9]), vocab=8)
+
+
+# ---------------------------------------------------------------- tokenizer view
+
+
+class _FakeTokenizer:
+    input_size, grid, vocab_size, device = 8, 2, 5, torch.device("cpu")
+
+    def spec(self):
+        return {"kind": "fake"}
+
+    def tokenize(self, images):  # uint8 [B,3,8,8] -> [B,4]
+        return images[:, 0, ::4, ::4].reshape(len(images), 4).long() % 5
+
+
+def _fake_loader(fl, *, size, batch_size, **_):
+    for s in range(0, len(fl), batch_size):
+        ids = torch.arange(s, min(s + batch_size, len(fl)))
+        yield {"images": ids.view(-1, 1, 1, 1).expand(-1, 3, size, size).to(torch.uint8), "sample_ids": ids}
+
+
+def test_store_records_tokenizer_view_and_refuses_another(tmp_path):
+    from mapet_ds.pipelines.graphs import pretrain_view_spec, tokenizer_view_spec
+    from mapet_ds.tokenizers.store import assign_tokens
+
+    fl = _filelist(tmp_path)
+    assign_tokens(fl, _FakeTokenizer(), tmp_path / "tok", batch_size=4, loader=_fake_loader, progress=False)
+    meta = json.loads((tmp_path / "tok" / "meta.json").read_text())
+    assert meta["view"] == {"crop": "center_square", "size": 8, "interpolation": "bicubic"} == tokenizer_view_spec(8)
+    TokenStore.open(tmp_path / "tok", filelist=fl, grid=2, view=pretrain_view_spec(False))  # the default view fits
+    with pytest.raises(TokenStoreError) as e:
+        TokenStore.open(tmp_path / "tok", filelist=fl, grid=2, view=pretrain_view_spec(True))
+    assert str(e.value) == (
+        f"token store {tmp_path / 'tok'} holds tokens of another view than training uses (crop 'center_square' vs "
+        f"'random_resized_crop'): every target would belong to other pixels than its patch; train on the store's "
+        f"view (data.random_resized_crop=false for a centre_square store) or re-run `launch/tokens.py assign` for "
+        f"this file list and tokenizer into a new --out from the training view")
+
+
+def test_store_without_view_assumes_centre_square_with_a_warning(tmp_path):
+    from mapet_ds.pipelines.graphs import pretrain_view_spec
+
+    fl = _filelist(tmp_path)
+    store = TokenStore.create(tmp_path / "tok", fl, grid=2, vocab=50, spec={}, chunk_size=16)
+    _fill(store)
+    store.finalise()
+    meta_path = tmp_path / "tok" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta.pop("view") is None
+    meta_path.write_text(json.dumps(meta))  # as written before views were recorded
+    with pytest.warns(UserWarning, match=r"records no tokenizer view .*assuming the center_square crop, bicubic"):
+        TokenStore.open(tmp_path / "tok", filelist=fl, view=pretrain_view_spec(False))
+    with pytest.warns(UserWarning), pytest.raises(TokenStoreError, match="crop 'center_square' vs 'random_resized"):
+        TokenStore.open(tmp_path / "tok", filelist=fl, view=pretrain_view_spec(True))

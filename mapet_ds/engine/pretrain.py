@@ -172,7 +172,10 @@ def load_token_table(cfg: RunConfig, filelist, device: torch.device) -> torch.Te
             f"tokenizer.kind={tk.kind!r} is offline and needs tokenizer.token_store=<dir> "
             f"(make it with `python launch/tokens.py assign`)"
         )
-    store = TokenStore.open(tk.token_store, filelist=filelist, grid=cfg.model.grid)
+    from mapet_ds.pipelines.graphs import pretrain_view_spec
+
+    store = TokenStore.open(tk.token_store, filelist=filelist, grid=cfg.model.grid,
+                            view=pretrain_view_spec(cfg.data.random_resized_crop))
     if store.vocab > tk.vocab_size:
         raise ConfigError(f"token store {tk.token_store} has vocab {store.vocab} > tokenizer.vocab_size="
                           f"{tk.vocab_size}; set tokenizer.vocab_size={store.vocab}")

@@ -19,6 +19,20 @@ EVAL_OUTPUTS = ("images", "sample_ids")
 FINETUNE_OUTPUTS = ("images", "sample_ids")
 
 
+def tokenizer_view_spec(size: int) -> dict:
+    """What ``build_tokenizer_view`` shows the offline tokenizer; recorded in token stores."""
+    return {"crop": "center_square", "size": int(size), "interpolation": "bicubic"}
+
+
+def pretrain_view_spec(random_resized_crop: bool) -> dict:
+    """The pixel region and kernel of ``build_pretrain``'s ViT view (its size is the model's).
+
+    Offline tokens fit it only when crop and interpolation match the store's tokenizer
+    view; sizes differ by design (the store's token grid is checked against the model).
+    """
+    return {"crop": "random_resized_crop" if random_resized_crop else "center_square", "interpolation": "bicubic"}
+
+
 def pretrain_outputs(with_tok_view: bool) -> tuple[str, ...]:
     return ("images", "sample_ids", "tok_images") if with_tok_view else ("images", "sample_ids")
 

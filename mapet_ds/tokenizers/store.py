@@ -2,8 +2,8 @@
 
 Layout of a store directory::
 
-    meta.json        file-list digest, num images, grid, vocab, tokenizer spec, chunking,
-                     completeness
+    meta.json        file-list digest, num images, grid, vocab, tokenizer spec, tokenizer
+                     view (crop kind, size, interpolation), chunking, completeness
     tokens.npy       int16 [num_images, grid*grid], row = sample id (memory-mapped)
     progress/        chunk_000123.json markers of finished chunks (while assigning)
 
@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -30,6 +31,8 @@ from mapet_ds.filelist import FileList
 MAX_VOCAB = 32767
 FORMAT = "mapet_ds.token_store/1"
 FIX = "re-run `launch/tokens.py assign` for this file list and tokenizer into a new --out"
+# Stores written before meta.json recorded the view were all made through the tokenizer-view loader.
+LEGACY_VIEW = {"crop": "center_square", "interpolation": "bicubic"}
 
 
 class TokenStoreError(ValueError):
@@ -111,6 +114,7 @@ class TokenStore:
         spec: dict[str, Any],
         *,
         chunk_size: int = 4096,
+        view: dict[str, Any] | None = None,
     ) -> "TokenStore":
         """Make an empty store (rows filled with -1) for ``filelist``; replaces any old one."""
         path = os.fspath(path)
@@ -139,6 +143,7 @@ class TokenStore:
             "grid": int(grid),
             "vocab": int(vocab),
             "spec": spec,
+            "view": view,
             "chunk_size": int(chunk_size),
             "complete": False,
             "rows_complete": 0,
@@ -155,9 +160,15 @@ class TokenStore:
         filelist: FileList | None = None,
         grid: int | None = None,
         vocab: int | None = None,
+        view: dict[str, Any] | None = None,
         allow_incomplete: bool = False,
     ) -> "TokenStore":
-        """Open a store, checking it against the file list / model it will be used with."""
+        """Open a store, checking it against the file list / model / training view it will be used with.
+
+        ``view`` (e.g. ``pipelines.graphs.pretrain_view_spec(...)``): each of its keys must
+        equal the tokenizer view recorded at assign time, else the tokens belong to other
+        pixels than the patches they would train.
+        """
         path = os.fspath(path)
         meta_path = os.path.join(path, cls.META)
         if not os.path.isfile(meta_path):
@@ -190,6 +201,8 @@ class TokenStore:
                 f"token store {path} has vocab {meta['vocab']} but the model predicts {vocab} classes: set the "
                 f"model's vocab to {meta['vocab']}, or {FIX}"
             )
+        if view is not None:
+            _check_view(path, meta, view)
         store = cls(path, meta)
         if not allow_incomplete and not store.complete:
             done = int(store.complete_rows().sum())
@@ -250,6 +263,22 @@ class TokenStore:
             self.meta.update(complete=True, rows_complete=self.num_images, finished=_now())
             _write_json(os.path.join(self.path, self.META), self.meta)
         return True
+
+
+def _check_view(path: str, meta: dict, view: dict[str, Any]) -> None:
+    stored = meta.get("view")
+    if stored is None:
+        stored = LEGACY_VIEW
+        warnings.warn(f"token store {path} records no tokenizer view (written before views were recorded): assuming "
+                      f"the {LEGACY_VIEW['crop']} crop, {LEGACY_VIEW['interpolation']}, that `launch/tokens.py assign` "
+                      f"has always used", stacklevel=3)
+    diff = [f"{k} {stored.get(k)!r} vs {v!r}" for k, v in view.items() if stored.get(k) != v]
+    if diff:
+        raise TokenStoreError(
+            f"token store {path} holds tokens of another view than training uses ({', '.join(diff)}): every target "
+            f"would belong to other pixels than its patch; train on the store's view (data.random_resized_crop=false "
+            f"for a centre_square store) or {FIX} from the training view"
+        )
 
 
 def _write_marker(store: TokenStore, c: int, record: dict) -> None:
@@ -340,6 +369,7 @@ def assign_tokens(
     loader: Callable | None = None,
     progress: bool = True,
     wait_timeout: float = 1800.0,
+    view: dict[str, Any] | None = None,
 ) -> TokenStore:
     """Tokenise every image of ``filelist`` into the store at ``out``; resumable and sharded.
 
@@ -351,7 +381,13 @@ def assign_tokens(
     skips chunks already marked done, so a rerun after a kill only does the rest, and a
     rerun with another world size still covers every chunk once. Rank 0 creates the store,
     the others wait for it. Whichever rank sees every chunk done finalises meta.json.
+    ``view`` (default: the tokenizer-view loader's, ``pipelines.graphs.tokenizer_view_spec``)
+    is recorded in meta.json and checked by ``TokenStore.open(view=...)`` at training time.
     """
+    if view is None:
+        from mapet_ds.pipelines.graphs import tokenizer_view_spec
+
+        view = tokenizer_view_spec(tokenizer.input_size)
     out = os.fspath(out)
     spec, grid, vocab = tokenizer.spec(), int(tokenizer.grid), int(tokenizer.vocab_size)
     meta_path = os.path.join(out, TokenStore.META)
@@ -365,7 +401,7 @@ def assign_tokens(
                 f"({_short(spec)}): delete {out} or choose another --out"
             )
     else:
-        store = TokenStore.create(out, filelist, grid, vocab, spec, chunk_size=chunk_size)
+        store = TokenStore.create(out, filelist, grid, vocab, spec, chunk_size=chunk_size, view=view)
     done = store.done_chunks()
     mine = [c for c in range(store.num_chunks) if c % world_size == rank and c not in done]
     if mine:
