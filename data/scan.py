@@ -6,7 +6,7 @@ training run. This scan finds them first (in parallel, with a progress bar):
 
   issue           what                                   clean list
   truncated       JPEG/PNG data ends early               dropped
-  undecodable     not an image / decoder error           dropped
+  undecodable     empty, not an image, decoder error     dropped
   cmyk            CMYK (or YCCK) JPEG                    dropped; with --repair an RGB copy
   wrong_format    e.g. a PNG behind a .JPEG name         dropped; with --repair an RGB JPEG copy
   grayscale       one-channel image                      kept (decoded to RGB); --repair converts
@@ -57,11 +57,19 @@ def check_image(path: str, min_size: int = 32) -> dict:
         info["issues"].append("undecodable")
         info["detail"] = f"cannot read: {e}"
         return info
+    if not data:
+        info["issues"].append("undecodable")
+        info["detail"] = "empty file"
+        return info
     try:
         with Image.open(io.BytesIO(data)) as img:
             info.update(format=img.format, mode=img.mode, size=list(img.size))
             img.load()  # full decode: PIL raises on truncated data (LOAD_TRUNCATED_IMAGES is off)
-    except (UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:  # its message names our in-memory buffer, not the file
+        info["issues"].append("undecodable")
+        info["detail"] = "not an image (unknown format)"
+        return info
+    except (SyntaxError, ValueError) as e:
         info["issues"].append("undecodable")
         info["detail"] = str(e)
         return info

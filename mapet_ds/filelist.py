@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -24,6 +25,11 @@ from typing import Iterable, Sequence
 
 class FileListError(ValueError):
     """A file list is missing, empty, malformed, or names files that do not exist."""
+
+
+def scan_hint(list_path) -> str:
+    """How to find and drop the broken files of a list (appended to data errors)."""
+    return f"run data/scan.py {list_path} --out <dir> to drop or repair broken files, then use its clean list"
 
 
 @dataclass
@@ -36,6 +42,13 @@ class FileList:
     labels: list[int]
     classes: list[str] | None = None
     _digest: str | None = field(default=None, repr=False)
+    lines: list[int] | None = field(default=None, repr=False)  # 1-based line in list_path of each sample
+
+    def where(self, sample_id: int) -> str:
+        """``<list>:<line>: <relative path>`` (the sample id when the line is unknown)."""
+        line = self.lines[sample_id] if self.lines is not None else None
+        at = f"{self.list_path}:{line}" if line is not None else f"{self.list_path} sample {sample_id}"
+        return f"{at}: {self.paths[sample_id]}"
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -62,8 +75,25 @@ class FileList:
         return self._digest
 
     def check_exists(self, limit: int = 5) -> None:
-        """Raise FileListError naming the first missing files (list drifted from disk)."""
-        missing = [p for p in self.paths if not os.path.isfile(os.path.join(self.root, p))]
+        """Raise FileListError naming the first missing or empty (0-byte) files.
+
+        One ``os.stat`` per image, the call ``isfile`` makes anyway, so refusing empty files
+        costs nothing more: DALI would stop mid-run on them with only "File mapping failed".
+        """
+        missing, empty = [], []
+        for i, p in enumerate(self.paths):
+            try:
+                st = os.stat(os.path.join(self.root, p))
+            except OSError:
+                missing.append(p)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                missing.append(p)
+            elif st.st_size == 0:
+                empty.append(i)
+        if not missing and empty:
+            more = f" (and {len(empty) - 1} more empty file(s))" if len(empty) > 1 else ""
+            raise FileListError(f"{self.where(empty[0])} is an empty file (0 bytes){more}: {scan_hint(self.list_path)}")
         if missing:
             shown = ", ".join(missing[:limit]) + (" ..." if len(missing) > limit else "")
             raise FileListError(
@@ -82,6 +112,7 @@ def read_filelist(path: str | os.PathLike, root: str | os.PathLike | None = None
         raise FileListError(f"image root {root_dir} for file list {path} is not a directory (set data.root)")
     paths: list[str] = []
     labels: list[int] = []
+    lines: list[int] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")
@@ -99,6 +130,7 @@ def read_filelist(path: str | os.PathLike, root: str | os.PathLike | None = None
                 raise FileListError(f"{path}:{lineno}: class index {y} is negative")
             paths.append(rel.strip())
             labels.append(y)
+            lines.append(lineno)
     if not paths:
         raise FileListError(f"file list {path} is empty (no image lines): check the dataset folder it was made from")
     classes = None
@@ -109,7 +141,7 @@ def read_filelist(path: str | os.PathLike, root: str | os.PathLike | None = None
             raise FileListError(
                 f"{path}: class index {max(labels)} but {classes_path} names only {len(classes)} classes"
             )
-    return FileList(list_path=path, root=root_dir, paths=paths, labels=labels, classes=classes)
+    return FileList(list_path=path, root=root_dir, paths=paths, labels=labels, classes=classes, lines=lines)
 
 
 def write_filelist(

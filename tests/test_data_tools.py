@@ -208,9 +208,11 @@ def test_scan_flags_tiny_and_undecodable(tmp_path):
     _jpeg(root / "train/a/tiny.JPEG", size=(12, 40))
     _jpeg(root / "train/a/fine.JPEG", size=(40, 40))
     (root / "train/a/junk.JPEG").write_bytes(b"this is not an image")
+    (root / "train/a/empty.JPEG").write_bytes(b"")
     make_filelist.make_filelists(root)
     report = scan.scan_filelist(root / "train.txt", tmp_path / "out", workers=1, progress=False, min_size=16)
-    assert {p["path"]: (p["issues"], p["action"]) for p in report["problems"]} == {
-        "train/a/junk.JPEG": (["undecodable"], "dropped"),
-        "train/a/tiny.JPEG": (["tiny"], "kept"),
+    assert {p["path"]: (p["issues"], p["action"], p["detail"]) for p in report["problems"]} == {
+        "train/a/empty.JPEG": (["undecodable"], "dropped", "empty file"),
+        "train/a/junk.JPEG": (["undecodable"], "dropped", "not an image (unknown format)"),
+        "train/a/tiny.JPEG": (["tiny"], "kept", ""),
     }

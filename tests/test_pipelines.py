@@ -314,3 +314,35 @@ def test_clear_errors_for_bad_lists(tmp_path, demo):
         eval_loader(demo / "val.txt", img_size=16, batch_size=2, shard_id=0, num_shards=1, device="tpu")
     with pytest.raises(ValueError, match="no full batch"):
         pretrain_loader(demo / "val.txt", img_size=16, batch_size=8, shard_id=0, num_shards=2, seed=0)
+
+
+def test_unscanned_list_errors_name_the_file_line_and_the_scan(tmp_path):
+    from mapet_ds.pipelines import PipelineRunError
+    from mapet_ds.pipelines.common import locate_failure
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"ok{i}.jpg")
+    (tmp_path / "text.jpg").write_text("not an image\n" * 20)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    hint = "(run data/scan.py {} --out <dir> to drop or repair broken files, then use its clean list)"
+    lst = tmp_path / "a.txt"
+    lst.write_text("# comment lines do not count as samples\n" + "".join(f"ok{i}.jpg\t0\n" for i in range(3))
+                   + "text.jpg\t0\n" + "".join(f"ok{i}.jpg\t0\n" for i in range(3, 6)))
+    with pytest.raises(PipelineRunError) as e:
+        for _ in eval_loader(lst, img_size=16, batch_size=2, shard_id=0, num_shards=1, device="cpu"):
+            pass
+    assert str(e.value) == (f"DALI pipeline over {lst} failed: nvImageCodec failure: '#4'; {lst}:5: text.jpg: "
+                            f"not an image {hint.format(lst)}")
+    with pytest.raises(PipelineRunError, match=rf"; {lst}:5: text.jpg: not an image \(run data/scan.py"):
+        loader = pretrain_loader(lst, img_size=16, batch_size=2, shard_id=0, num_shards=1, seed=3, device="cpu")
+        for _ in range(8):
+            next(loader)
+
+    lst.write_text("".join(f"ok{i}.jpg\t0\n" for i in range(3)) + "empty.jpg\t1\n")
+    with pytest.raises(FileListError) as e:
+        tokenizer_view_loader(lst, size=16, batch_size=2)
+    assert str(e.value) == f"{lst}:4: empty.jpg is an empty file (0 bytes): {hint.format(lst)[1:-1]}"
+    # a file emptied after the list was loaded: DALI's reader names it, we name its line
+    fl = read_filelist(lst)  # (reading alone does not stat the images)
+    assert locate_failure(fl, f"File mapping failed: {tmp_path}/empty.jpg", None) == f"{lst}:4: empty.jpg: empty file"

@@ -15,6 +15,7 @@ import math
 import os
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from mapet_ds.filelist import FileList, shard_indices
@@ -44,6 +45,7 @@ class TrainLoader:
                  outputs: Sequence[str], with_labels: bool, checkpoint: str | bytes | None):
         self.kind = kind
         self._list_path = fl.list_path
+        self._fl = fl
         self.batch_size = batch_size
         self.shard_id, self.num_shards = shard_id, num_shards
         n = len(fl)
@@ -88,15 +90,25 @@ class TrainLoader:
         if self._step >= self.steps_per_epoch:
             # Drop the rest of this rank's reader epoch so the next epoch starts fresh.
             for _ in range(self._reader_batches - self._step):
-                C.run_pipeline(self._pipe, self._list_path)
+                C.run_pipeline(self._pipe, self._list_path, self._locate)
             self._epoch, self._step = self._epoch + 1, 0
-        tensors = C.dali_to_torch(C.run_pipeline(self._pipe, self._list_path), self._device)
+        tensors = C.dali_to_torch(C.run_pipeline(self._pipe, self._list_path, self._locate), self._device)
         self._step += 1
         batch = dict(zip(self._outputs, tensors))
         batch["sample_ids"] = batch["sample_ids"].reshape(-1).to(torch.int64)
         if self._labels is not None:
             batch["labels"] = self._labels[batch["sample_ids"]].to(self._device, non_blocking=True)
         return batch
+
+    def _locate(self, cause: str) -> str | None:
+        """Name the failing sample: in epoch 0 the reader's order is the seed's permutation."""
+        candidates = None
+        if self._epoch == 0:
+            n, B = len(self._fl), self.batch_size
+            part = shard_indices(n, self.shard_id, self.num_shards)
+            shard = np.random.default_rng(int(self._signature["seed"])).permutation(n)[part.start:part.stop]
+            candidates = shard[self._step * B:(self._step + 1 + C.PREFETCH_DEPTH) * B]
+        return C.locate_failure(self._fl, cause, candidates)
 
     # -- checkpointing ------------------------------------------------------------------
     def state(self) -> str:
@@ -123,6 +135,14 @@ class TrainLoader:
         return base64.b64decode(st["dali"])
 
 
+def _locate_in_shard(loader, cause: str) -> str | None:
+    """Eval / tokenizer-view readers read their shard in list order: the failing batch is
+    one of the ``PREFETCH_DEPTH + 1`` after those already taken."""
+    B = loader.batch_size
+    window = loader.sample_ids[loader._taken * B:(loader._taken + 1 + C.PREFETCH_DEPTH) * B]
+    return C.locate_failure(loader._fl, cause, window)
+
+
 def _jsonable(v):
     return json.loads(json.dumps(v))
 
@@ -142,6 +162,7 @@ class EvalLoader:
                  build: Callable[[], object], image_shape: tuple[int, ...]):
         n = len(fl)
         self._list_path = fl.list_path
+        self._fl = fl
         self.batch_size = batch_size
         self.sample_ids = shard_indices(n, shard_id, num_shards)
         self.num_batches = math.ceil(math.ceil(n / num_shards) / batch_size)
@@ -157,10 +178,13 @@ class EvalLoader:
     def __len__(self) -> int:
         return self.num_batches
 
+    def _locate(self, cause: str) -> str | None:
+        return _locate_in_shard(self, cause)
+
     def __iter__(self) -> Iterator[dict]:
         # An earlier pass stopped early: finish its reader epoch so this one starts at the top.
         while 0 < self._taken < self._reader_batches:
-            C.run_pipeline(self._pipe, self._list_path)
+            C.run_pipeline(self._pipe, self._list_path, self._locate)
             self._taken += 1
         self._taken = 0
         last = None
@@ -168,7 +192,7 @@ class EvalLoader:
             if i >= self._reader_batches:
                 yield self._padding_batch(last)
                 continue
-            images, ids = C.dali_to_torch(C.run_pipeline(self._pipe, self._list_path), self._device)
+            images, ids = C.dali_to_torch(C.run_pipeline(self._pipe, self._list_path, self._locate), self._device)
             self._taken += 1
             ids = ids.reshape(-1).to(torch.int64)
             pos = torch.arange(i * self.batch_size, (i + 1) * self.batch_size)
@@ -196,6 +220,7 @@ class TokenizerViewLoader:
     def __init__(self, *, fl: FileList, batch_size: int, shard_id: int, num_shards: int, mode: str,
                  build: Callable[[], object]):
         self._list_path = fl.list_path
+        self._fl = fl
         self.batch_size = batch_size
         self.sample_ids = shard_indices(len(fl), shard_id, num_shards)
         self._reader_batches = math.ceil(len(self.sample_ids) / batch_size)
@@ -206,15 +231,18 @@ class TokenizerViewLoader:
     def __len__(self) -> int:
         return self._reader_batches
 
+    def _locate(self, cause: str) -> str | None:
+        return _locate_in_shard(self, cause)
+
     def __iter__(self) -> Iterator[dict]:
         # An earlier pass stopped early: finish its reader epoch so this one starts at the top.
         while 0 < self._taken < self._reader_batches:
-            C.run_pipeline(self._pipe, self._list_path)
+            C.run_pipeline(self._pipe, self._list_path, self._locate)
             self._taken += 1
         self._taken = 0
         n = len(self.sample_ids)
         for i in range(self._reader_batches):
-            images, ids = C.dali_to_torch(C.run_pipeline(self._pipe, self._list_path), self._device)
+            images, ids = C.dali_to_torch(C.run_pipeline(self._pipe, self._list_path, self._locate), self._device)
             self._taken += 1
             keep = min(self.batch_size, n - i * self.batch_size)  # drop the reader's padding
             yield {"images": images[:keep], "sample_ids": ids.reshape(-1)[:keep].to(torch.int64)}

@@ -317,7 +317,8 @@ def iterate_images(
     if not whole:
         # Same root and list path (for messages); the loader reads the in-memory paths.
         sub = FileList(filelist.list_path, filelist.root, [filelist.paths[i] for i in ids],
-                       [filelist.labels[i] for i in ids], filelist.classes)
+                       [filelist.labels[i] for i in ids], filelist.classes,
+                       lines=None if filelist.lines is None else [filelist.lines[i] for i in ids])
     seen = 0
     bar = tqdm(total=len(ids), desc=desc, unit="img", disable=not progress, smoothing=0.1)
     for batch in loader(sub, size=size, batch_size=batch_size, shard_id=0, num_shards=1, num_threads=num_threads, device=device):
