@@ -276,10 +276,10 @@ def test_finetune_crop_resize_follows_interpolation(tmp_path, interp):
 
 def test_parse_rand_augment():
     ra = parse_rand_augment("rand-m9-mstd0.5-inc1")
-    assert (ra.magnitude, ra.num_ops, ra.magnitude_std, ra.increasing) == (9.0, 2, 0.5, True)
-    assert parse_rand_augment("rand-m7-n3").num_ops == 3
-    with pytest.raises(ValueError, match="unsupported part 'p0.5'"):
-        parse_rand_augment("rand-m9-p0.5")
+    assert (ra.magnitude, ra.num_ops, ra.magnitude_std, ra.increasing, ra.prob) == (9.0, 2, 0.5, True, 0.5)
+    assert parse_rand_augment("rand-m7-n3-p0.8").num_ops == 3
+    with pytest.raises(ValueError, match="unsupported part 'x0.5'"):
+        parse_rand_augment("rand-m9-x0.5")
     with pytest.raises(ValueError, match="timm RandAugment string"):
         parse_rand_augment("auto-m9")
 
