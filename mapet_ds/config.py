@@ -133,6 +133,8 @@ class DataConfig(_Section):
     root: Optional[str] = None
     num_threads: int = Field(4, gt=0)
     decode: Literal["auto", "cpu", "mixed"] = "auto"
+    # pre-training: torchvision ColorJitter(x, x, x) factors (contrast about the image mean);
+    # applied in a fixed order (torchvision's is random: only clipping between steps differs)
     color_jitter: float = Field(0.4, ge=0)
     # pre-training: one RRC + flip shared by the ViT and tokenizer views; online tokenizers only
     # (an offline token store holds the centre-square view's tokens; refused with those)

@@ -346,3 +346,28 @@ def test_unscanned_list_errors_name_the_file_line_and_the_scan(tmp_path):
     # a file emptied after the list was loaded: DALI's reader names it, we name its line
     fl = read_filelist(lst)  # (reading alone does not stat the images)
     assert locate_failure(fl, f"File mapping failed: {tmp_path}/empty.jpg", None) == f"{lst}:4: empty.jpg: empty file"
+
+
+def test_colour_jitter_contrast_pivots_on_the_image_mean():
+    """torchvision/PIL contrast: out = (x - M) * c + M with M the image's mean grey level."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from mapet_ds.pipelines.common import color_jitter
+
+    img = np.full((8, 8, 3), 200, np.uint8)
+    img[:, :4] = 40  # mean grey level M = 120
+    from torchvision.transforms import functional as TF
+
+    ref = TF.adjust_contrast(torch.from_numpy(img).permute(2, 0, 1), 0.5).permute(1, 2, 0).numpy()
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        x = fn.external_source(lambda: [img], batch=True, layout="HWC")
+        one = types.Constant(1.0)
+        return color_jitter(x, brightness=one, contrast=types.Constant(0.5), saturation=one)
+
+    p = pipe()
+    p.build()
+    out = np.asarray(p.run()[0][0])
+    assert out[0, 0].tolist() == [80, 80, 80] and out[0, 7].tolist() == [160, 160, 160]  # DALI color_twist: 84, 164
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1

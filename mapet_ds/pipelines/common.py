@@ -199,6 +199,23 @@ def normalize_chw(images, *, mean: Sequence[float], std: Sequence[float], mirror
     )
 
 
+def color_jitter(images, *, brightness, contrast, saturation):
+    """torchvision ``ColorJitter`` with given factors on uint8 HWC images (per-sample DataNodes).
+
+    Contrast pivots on each image's mean grey level (0.299 R + 0.587 G + 0.114 B), as
+    torchvision and PIL do, not on 128 as DALI's ``color_twist`` does (a pixel of 40 in an
+    image of mean 120 at contrast 0.5: 80, not 84); DALI's auto-augment contrast op does
+    exactly this. Order: brightness and saturation (one ``color_twist``), then contrast.
+    torchvision draws a random order, but with the mean pivot the three commute except for
+    clipping to [0, 255] between steps, so a fixed order differs only there.
+    """
+    from nvidia.dali import fn
+    from nvidia.dali.auto_aug import augmentations as aa
+
+    images = fn.color_twist(images, brightness=brightness, saturation=saturation)
+    return aa.contrast.op(images, contrast)
+
+
 def to_chw_uint8(images):
     """uint8 HWC -> uint8 CHW (the tokenizer views stay unnormalised)."""
     from nvidia.dali import fn

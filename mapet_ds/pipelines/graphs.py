@@ -115,7 +115,7 @@ def build_pretrain(fl: FileList, *, img_size: int, batch_size: int, shard_id: in
             b = fn.random.uniform(range=[lo, hi])
             c = fn.random.uniform(range=[lo, hi])
             s = fn.random.uniform(range=[lo, hi])
-            views = [fn.color_twist(v, brightness=b, contrast=c, saturation=s) for v in views]
+            views = [C.color_jitter(v, brightness=b, contrast=c, saturation=s) for v in views]
         outs = [C.normalize_chw(views[0], mean=mean, std=std, mirror=flip), ids]
         if tokenizer_view_size:
             tok = views[1] if flip is None else fn.flip(views[1], horizontal=flip)
