@@ -209,11 +209,16 @@ def color_jitter(images, *, brightness, contrast, saturation):
     torchvision draws a random order, but with the mean pivot the three commute except for
     clipping to [0, 255] between steps, so a fixed order differs only there.
     """
-    from nvidia.dali import fn
+    from nvidia.dali import fn, types
     from nvidia.dali.auto_aug import augmentations as aa
 
     images = fn.color_twist(images, brightness=brightness, saturation=saturation)
-    return aa.contrast.op(images, contrast)
+    if images.device == "gpu":  # argument inputs (contrast_center) must live on the CPU
+        return aa.contrast.op(images, contrast)
+    # CPU: the same result as the op above, at color_twist's cost (measured 196 vs 117 img/s)
+    channel_means = fn.reductions.mean(images, axis_names="HW")  # [3]
+    grey = types.Constant(np.array([0.299, 0.587, 0.114], dtype=np.float32))
+    return fn.contrast(images, contrast=contrast, contrast_center=fn.reductions.sum(channel_means * grey, axes=0))
 
 
 def to_chw_uint8(images):
