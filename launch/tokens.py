@@ -20,6 +20,16 @@ import json
 import os
 
 
+def _guard(a: argparse.Namespace):
+    """What fit / assign read, so --out can never name one of them."""
+    from mapet_ds.safe_io import InputGuard
+
+    guard = InputGuard().add(a.filelist, "the file list")
+    if a.clip_weights and os.path.exists(a.clip_weights):
+        guard.add(a.clip_weights, "the CLIP weights")
+    return guard
+
+
 def cmd_fit(a: argparse.Namespace) -> None:
     from mapet_ds.filelist import read_filelist
     from mapet_ds.tokenizers import (
@@ -37,6 +47,7 @@ def cmd_fit(a: argparse.Namespace) -> None:
         print("[fit] runs in one process: rank > 0 has nothing to do")
         return
     filelist = read_filelist(a.filelist, root=a.root)
+    _guard(a).add_files(filelist.abspaths(), "an image of the list").check(a.out)
     if a.img_size % a.patch_size:
         raise SystemExit(f"--img-size {a.img_size} must be a multiple of --patch-size {a.patch_size}")
     grid = a.img_size // a.patch_size
@@ -79,6 +90,7 @@ def cmd_assign(a: argparse.Namespace) -> None:
     )
 
     filelist = read_filelist(a.filelist, root=a.root)
+    _guard(a).add(a.codebook, "the codebook").check_folder(a.out, ["meta.json", "tokens.npy", "progress"])
     codebook = Codebook.load(a.codebook)
     extractor = build_extractor(codebook.meta["extractor"], clip_weights=a.clip_weights, device=a.device)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -156,11 +168,12 @@ def main(argv=None) -> None:
 
     a = p.parse_args(argv)
     from mapet_ds.filelist import FileListError
+    from mapet_ds.safe_io import UnsafeWriteError
     from mapet_ds.tokenizers import CodebookError, FeatureError, TokenStoreError
 
     try:
         a.fn(a)
-    except (FileListError, CodebookError, FeatureError, TokenStoreError) as e:
+    except (FileListError, CodebookError, FeatureError, TokenStoreError, UnsafeWriteError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -118,19 +118,20 @@ def write_filelist(
     classes: Sequence[str] | None = None,
 ) -> Path:
     """Write ``entries`` (relative path, class index) atomically; optionally classes.txt beside it."""
+    from mapet_ds.safe_io import atomic_write, atomic_write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rel, y in entries:
-            if "\t" in rel or "\n" in rel:
-                raise FileListError(f"path {rel!r} contains a tab or newline; rename the file")
-            f.write(f"{rel}\t{int(y)}\n")
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rel, y in entries:
+                if "\t" in rel or "\n" in rel:
+                    raise FileListError(f"path {rel!r} contains a tab or newline; rename the file")
+                f.write(f"{rel}\t{int(y)}\n")
+
+    atomic_write(path, write)
     if classes is not None:
-        ctmp = path.parent / "classes.txt.tmp"
-        ctmp.write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
-        os.replace(ctmp, path.parent / "classes.txt")
+        atomic_write_text(path.parent / "classes.txt", "".join(f"{c}\n" for c in classes))
     return path
 
 

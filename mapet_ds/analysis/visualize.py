@@ -46,12 +46,9 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     arr = _np(image)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
         raise ValueError(f"save_png needs a uint8 [H, W, 3] array, got {arr.dtype} {arr.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, path)
-    return path
+    from mapet_ds.safe_io import atomic_write
+
+    return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG", optimize=True))
 
 
 # ---------------------------------------------------------------------------------------

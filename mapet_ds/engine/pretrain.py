@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from mapet_ds.config import ConfigError, RunConfig, load_config
-from mapet_ds.engine.cli import job_parser, run_job
+from mapet_ds.engine.cli import check_run_dir, job_parser, run_job
 from mapet_ds.engine.dist import DistInfo, all_reduce_sum, init_distributed
 from mapet_ds.engine.synthetic import SyntheticLoader, synthetic_token_table
 from mapet_ds.engine.trainer import Trainer
@@ -183,6 +183,9 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
     from mapet_ds.pipelines import pretrain_loader
 
     d = cfg.data
+    check_run_dir(cfg.pretrain.output_dir, [(d.train_list, "data.train_list"), (d.val_list, "data.val_list"),
+                                            (cfg.tokenizer.token_store, "tokenizer.token_store"),
+                                            (cfg.tokenizer.weights, "tokenizer.weights")], "pretrain.output_dir")
     online = cfg.tokenizer.online or cfg.tokenizer.kind in ("vqkd", "dvae")
     if d.synthetic:
         if online:
