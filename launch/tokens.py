@@ -167,14 +167,17 @@ def main(argv=None) -> None:
     t.set_defaults(fn=cmd_stats)
 
     a = p.parse_args(argv)
+    from mapet_ds.engine.errors import run_main
     from mapet_ds.filelist import FileListError
+    from mapet_ds.pipelines.common import PipelineRunError
     from mapet_ds.safe_io import UnsafeWriteError
     from mapet_ds.tokenizers import CodebookError, FeatureError, TokenStoreError
 
-    try:
-        a.fn(a)
-    except (FileListError, CodebookError, FeatureError, TokenStoreError, UnsafeWriteError) as e:
-        raise SystemExit(f"error: {e}") from None
+    # one `error:` line per job (not per rank) and exit code 2, as the training launchers
+    code = run_main(lambda: a.fn(a), (FileListError, CodebookError, FeatureError, TokenStoreError,
+                                      UnsafeWriteError, PipelineRunError, OSError))
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

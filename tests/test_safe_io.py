@@ -212,11 +212,11 @@ def test_tokens_cli_refuses_its_inputs(tmp_path):
     (tmp_path / "cb.pt").write_bytes(b"codebook")
     fit = run_py([REPO / "launch/tokens.py", "fit", "--filelist", "train.txt", "--out", "train.txt", "--k", "2"],
                  cwd=tmp_path, check=False)
-    assert fit.returncode == 1 and fit.stderr.strip() == (
+    assert fit.returncode == 2 and fit.stderr.strip() == (
         "error: refusing to write train.txt: it is the file list, an input of this command; choose another --out")
     assign = run_py([REPO / "launch/tokens.py", "assign", "--filelist", "train.txt", "--codebook", "cb.pt",
                      "--out", "cb.pt"], cwd=tmp_path, check=False)
-    assert assign.returncode == 1 and assign.stderr.strip() == (
+    assert assign.returncode == 2 and assign.stderr.strip() == (
         "error: refusing to write into cb.pt: it is the codebook cb.pt (or inside it), an input of this command; "
         "choose another --out")
     assert (tmp_path / "cb.pt").read_bytes() == b"codebook"

@@ -123,7 +123,8 @@ class FinetuneStep:
         if final and self.dist.is_main:
             from mapet_ds.analysis.visualize import confusion_matrix_image, save_png
 
-            img = confusion_matrix_image(res.pop("confusion"), self.class_names)
+            img = confusion_matrix_image(res.pop("confusion"), self.class_names,
+                                         title=f"run {trainer.run_dir.name}, step {trainer.state.step:,}")
             trainer.logger.image("eval/confusion_matrix", img, trainer.state.samples_seen)
             save_png(img, trainer.run_dir / "confusion_matrix.png")
         res.pop("confusion", None)

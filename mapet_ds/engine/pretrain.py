@@ -104,6 +104,7 @@ class PretrainStep:
         every = self.cfg.pretrain.vis_every
         if not every or trainer.state.step % every or not self.dist.is_main or self.filelist is None:
             return
+        from mapet_ds.analysis import figures as F
         from mapet_ds.analysis import visualize as V
 
         cfg, device = self.cfg, self.dist.device
@@ -119,14 +120,18 @@ class PretrainStep:
             out = module(vb["images"].to(trainer.dtype), vb["tokens"], plan)
         module.train(was_training)
         step, x = trainer.state.step, trainer.state.samples_seen
-        panels = V.plan_panels(vb["uint8"], plan.rank, plan.predicted, out["targets"], out["logits"].argmax(-1),
-                               cfg.tokenizer.vocab_size, grid)
+        run, vocab = trainer.run_dir.name, cfg.tokenizer.vocab_size
         acc = torch.where(self.pos_seen > 0, self.pos_hits.float() / self.pos_seen.clamp(min=1), float("nan"))
+        # One picture per tag, the same array to TensorBoard and to the PNG file.
         pictures = {
-            "pretrain/plan": panels,
-            "pretrain/position_accuracy": V.position_accuracy_map(acc.cpu(), grid, size=8 * grid),
-            "tokenizer/token_maps": V.token_map_grid(vb["uint8"], vb["tokens"], cfg.tokenizer.vocab_size),
-            "tokenizer/code_usage": V.code_usage_histogram(self._usage_counts.cpu()),
+            "pretrain/plan": F.plan_figure(vb["uint8"], plan.rank, plan.predicted, out["targets"],
+                                           out["logits"].argmax(-1), vocab, grid, objective=cfg.objective.name,
+                                           run=run, step=step),
+            "pretrain/position_accuracy": F.position_accuracy_figure(acc.cpu(), grid, run=run, step=step),
+            "tokenizer/token_maps": F.token_maps_figure(vb["uint8"], vb["tokens"], vocab,
+                                                        title=f"tokenizer {cfg.tokenizer.kind}", run=run, step=step),
+            "tokenizer/code_usage": V.code_usage_histogram(
+                self._usage_counts.cpu(), title=f"training targets, run {run}, step {step:,}: code usage"),
         }
         self.pos_hits.zero_()
         self.pos_seen.zero_()
