@@ -125,13 +125,13 @@ def _repair_job(args: tuple) -> str:
 
 
 def _map(fn, jobs: list, workers: int, bar) -> list:
+    """[fn(job) for job in jobs], in order, over ``workers`` processes, ticking ``bar``."""
+    out: list = []
     if workers <= 1 or len(jobs) <= 1:
-        out = []
         for job in jobs:
             out.append(fn(job))
             bar.update()
         return out
-    out = []
     with ProcessPoolExecutor(workers) as ex:
         for r in ex.map(fn, jobs, chunksize=max(1, min(256, len(jobs) // (8 * workers)))):
             out.append(r)
@@ -170,7 +170,11 @@ def scan_filelist(filelist: str | os.PathLike, out_dir: str | os.PathLike, *, ro
         repaired_dir = out / "repaired"
         for r in to_repair:
             r["repaired"] = "repaired/" + names[r["sample_id"]]
-            r["_dst"] = guard.check(path_under(repaired_dir, names[r["sample_id"]]))
+            dst = guard.check(path_under(repaired_dir, names[r["sample_id"]]))
+            if dst.exists() and os.path.samefile(dst, fl.abspath(r["sample_id"])):  # reached through a link
+                raise UnsafeWriteError(f"refusing to write {dst}: it is the image {fl.abspath(r['sample_id'])} "
+                                       f"of the list, an input of this command; choose another --out")
+            r["_dst"] = dst
         bar = tqdm(total=len(to_repair), desc="repair", unit="img", disable=not progress)
         failures = _map(_repair_job, [(fl.abspath(r["sample_id"]), str(r.pop("_dst"))) for r in to_repair],
                         workers, bar)

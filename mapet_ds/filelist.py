@@ -15,6 +15,7 @@ optional ``classes.txt`` beside the list names class ``i`` on line ``i``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -72,6 +73,18 @@ class FileList:
             )
 
 
+@contextlib.contextmanager
+def _unreadable_as_filelist_error(path: Path):
+    """An unreadable or non-UTF-8 list -> one FileListError naming it (not an errno / codec traceback)."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise FileListError(f"file list {path} is not UTF-8 text ({e.reason}): re-write it with "
+                            f"data/make_filelist.py") from None
+    except OSError as e:
+        raise FileListError(f"file list {path} cannot be read: {e.strerror or e}") from None
+
+
 def read_filelist(path: str | os.PathLike, root: str | os.PathLike | None = None) -> FileList:
     """Read a file list; errors name the file and line and say how to fix them."""
     path = Path(path)
@@ -82,7 +95,7 @@ def read_filelist(path: str | os.PathLike, root: str | os.PathLike | None = None
         raise FileListError(f"image root {root_dir} for file list {path} is not a directory (set data.root)")
     paths: list[str] = []
     labels: list[int] = []
-    with open(path, encoding="utf-8") as f:
+    with _unreadable_as_filelist_error(path), open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if not line.strip() or line.lstrip().startswith("#"):

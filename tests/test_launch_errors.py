@@ -75,6 +75,11 @@ def test_missing_and_unreadable_inputs_one_line(ws):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert _error_lines(proc.stderr) == [
         "error: file list data/nope.txt does not exist (make one with data/make_filelist.py)"]
+    (ws / "data/latin1.txt").write_bytes("caf\xe9.JPEG\t0\n".encode("latin-1"))
+    proc = run_py([PRETRAIN, "--config", "pretrain.yaml", "data.train_list=data/latin1.txt"], cwd=ws, check=False)
+    assert proc.returncode == 2 and _error_lines(proc.stderr) == [
+        "error: file list data/latin1.txt is not UTF-8 text (invalid continuation byte): re-write it with "
+        "data/make_filelist.py"]
     err = PermissionError(13, "Permission denied")
     err.filename = "data/train.txt"
     assert errors.describe(err) == "cannot access data/train.txt: Permission denied"

@@ -68,7 +68,7 @@ def plan_figure(images, ranks, predicted, target_tokens, predicted_tokens, vocab
         img = _scale_to(imgs[i], PANEL_PX)
         rank = None if ranks is None else _np(ranks)[i]
         row = plan_panel(img, rank, _np(predicted)[i], _np(target_tokens)[i], _np(predicted_tokens)[i], vocab,
-                         grid, caption=False, frame=max(2, img.shape[1] // (grid * 24)))
+                         grid, caption=False, frame=max(2, img.shape[1] // (grid * 20)))
         h, w = img.shape[1:]
         pad = (row.shape[1] - 4 * w) // 3
         panels = [row[:, k * (w + pad): k * (w + pad) + w] for k in range(4)]
@@ -96,7 +96,7 @@ def plan_figure(images, ranks, predicted, target_tokens, predicted_tokens, vocab
                         f"predicted, token accuracy {acc:.1%}", run, step), fontsize=13)
     legend = [Patch(facecolor=(0.45, 0.45, 0.45), edgecolor=WHITE / 255, linewidth=2,
                     label="white frame: predicted patch"),
-              Patch(facecolor=(0.85, 0.85, 0.85), label="washed-out image: context patch (given, not predicted)"),
+              Patch(facecolor=(0.85, 0.85, 0.85), label="washed out: context patch (given, not predicted)"),
               Patch(facecolor="none", edgecolor=GREEN / 255, label="green: model's code = target"),
               Patch(facecolor="none", edgecolor=RED / 255, label="red: wrong code")]
     fig.legend(handles=legend, loc="lower center", ncol=4, fontsize=9, frameon=False,

@@ -313,7 +313,8 @@ def plan_panel(image, rank, predicted, target_tokens, predicted_tokens, vocab: i
     image: uint8 [3, H, W]; rank: int [N] permutation step of each patch (1..N; None for
     mim, whose masked patches are then shown as the predicted set); predicted: int [m]
     patch indices; target_tokens / predicted_tokens: int [m] code ids at those positions.
-    Panels: the image | rank as a heat map (dark = early), predicted patches framed white |
+    Panels: the image | rank as a heat map (dark = early), predicted patches framed white and
+    context patches washed out |
     target tokens at the predicted positions (context dimmed) | the model's tokens,
     framed green where right and red where wrong (frames ``frame`` px wide). Returns uint8
     [HEADER + H, 4W + 3*PAD, 3] (without the caption strip when ``caption`` is False).
@@ -340,11 +341,12 @@ def plan_panel(image, rank, predicted, target_tokens, predicted_tokens, vocab: i
     else:  # mim: no order, only masked (predicted) vs visible
         heat = _colormap(np.where(is_pred, 0.85, 0.15).reshape(grid, grid))
     heat = _upsample(heat, h, w)
+    cell_mask = _upsample(is_pred.reshape(grid, grid), h, w)  # bool [H, W]: pixel lies in a predicted cell
+    heat = np.where(cell_mask[..., None], heat, (heat.astype(np.uint16) // 3 + 170).astype(np.uint8))
     _outline(heat, pred, grid, WHITE, frame)
 
     dim = (img.astype(np.uint16) // 3 + 170).astype(np.uint8)  # a washed-out context background
     colours = code_colors(vocab)
-    cell_mask = _upsample(is_pred.reshape(grid, grid), h, w)  # bool [H, W]: pixel lies in a predicted cell
 
     def tokens_panel(codes: np.ndarray) -> np.ndarray:
         cells = np.zeros((n, 3), np.uint8)

@@ -9,7 +9,8 @@ once one exits non-zero, and a rank that failed cannot rely on its peers reachin
 all-reduce. So each rank claims the message with an exclusive create in a folder
 private to the job (named by the launcher process that started all local ranks); the
 first claim prints. Rank 0 gets a short head start so an error every rank sees is
-printed without a rank prefix.
+printed without a rank prefix. The folder is per node (local /tmp): a job over several
+nodes prints the line once per node that hit it.
 """
 
 from __future__ import annotations
