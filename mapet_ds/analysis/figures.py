@@ -106,11 +106,13 @@ def plan_figure(images, ranks, predicted, target_tokens, predicted_tokens, vocab
 
 
 def position_accuracy_figure(acc, grid: int, *, run: Optional[str] = None, step: Optional[int] = None,
-                             width: int = 900, height: int = 800, annotate_max_grid: int = 16) -> np.ndarray:
+                             source: str = "", width: int = 900, height: int = 800,
+                             annotate_max_grid: int = 16) -> np.ndarray:
     """float [N] token accuracy per patch position (NaN = never predicted) -> uint8 [height, width, 3].
 
     A grid x grid map with patch row/column axes, a colour bar in percent, cell values
-    when the grid is <= annotate_max_grid, and the mean over predicted positions in the title.
+    when the grid is <= annotate_max_grid, the mean over predicted positions and ``source``
+    (what the accuracy was measured on) in the title.
     """
     from matplotlib.colors import Normalize
 
@@ -140,9 +142,9 @@ def position_accuracy_figure(acc, grid: int, *, run: Optional[str] = None, step:
                 ax.text(c, r, "—" if not np.isfinite(v) else f"{v:.0f}", ha="center", va="center",
                         fontsize=max(7, 14 - grid // 2), color="black" if np.isfinite(v) and v > 55 else "white")
     unseen = int((~seen).sum())
-    ax.set_title(_title(f"token accuracy per position: mean {mean:.1f}% over positions"
-                        + (f", {unseen} position(s) never predicted (grey)" if unseen else ""), run, step),
-                 fontsize=11)
+    what = (f"token accuracy per position{' ' + source if source else ''}: mean {mean:.1f}% over positions"
+            + (f", {unseen} never predicted (grey)" if unseen else ""))
+    ax.set_title(_title(what, run, step), fontsize=11, wrap=True)
     fig.tight_layout()
     return figure_to_array(fig)
 

@@ -127,7 +127,8 @@ class PretrainStep:
             "pretrain/plan": F.plan_figure(vb["uint8"], plan.rank, plan.predicted, out["targets"],
                                            out["logits"].argmax(-1), vocab, grid, objective=cfg.objective.name,
                                            run=run, step=step),
-            "pretrain/position_accuracy": F.position_accuracy_figure(acc.cpu(), grid, run=run, step=step),
+            "pretrain/position_accuracy": F.position_accuracy_figure(
+                acc.cpu(), grid, run=run, step=step, source="(training batches since the last picture)"),
             "tokenizer/token_maps": F.token_maps_figure(vb["uint8"], vb["tokens"], vocab,
                                                         title=f"tokenizer {cfg.tokenizer.kind}", run=run, step=step),
             "tokenizer/code_usage": V.code_usage_histogram(
