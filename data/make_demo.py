@@ -32,6 +32,8 @@ from PIL import Image, ImageDraw, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_filelist import make_filelists  # noqa: E402
 
+from mapet_ds.safe_io import UnsafeWriteError, atomic_write_bytes  # noqa: E402  (make_filelist put the repo on the path)
+
 CLASSES = (
     "checkerboard",
     "circle",
@@ -150,9 +152,17 @@ def draw_sample(cls: str, rng: np.random.Generator, size: int) -> Image.Image:
 def _save_jpeg(img: Image.Image, path: Path, quality: int) -> None:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _refuse_foreign_dataset(out: Path, classes: tuple[str, ...]) -> None:
+    """The demo rewrites OUT/{train,val}/<demo class>/ and OUT/*.txt: never inside someone's real data set."""
+    for split in SPLITS:
+        d = out / split
+        foreign = sorted(c.name for c in d.iterdir() if c.is_dir() and c.name not in classes) if d.is_dir() else []
+        if foreign:
+            raise UnsafeWriteError(f"refusing to write the demo into {out}: {d / foreign[0]} is not a demo class "
+                                   f"folder (another data set is there); choose an empty --out")
 
 
 def make_demo(out_dir: str | os.PathLike, *, num_train_per_class: int = 260, num_val_per_class: int = 50,
@@ -161,6 +171,7 @@ def make_demo(out_dir: str | os.PathLike, *, num_train_per_class: int = 260, num
     if size < 16:
         raise ValueError(f"size={size}: use at least 16 px")
     out = Path(out_dir)
+    _refuse_foreign_dataset(out, classes)
     counts = {"train": num_train_per_class, "val": num_val_per_class}
     for split_idx, split in enumerate(SPLITS):
         for cls_idx, cls in enumerate(classes):
@@ -181,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=80, help="shorter image side lower bound, px (default 80)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    written = make_demo(args.out, num_train_per_class=args.num_train_per_class,
-                        num_val_per_class=args.num_val_per_class, size=args.size, seed=args.seed)
+    try:
+        written = make_demo(args.out, num_train_per_class=args.num_train_per_class,
+                            num_val_per_class=args.num_val_per_class, size=args.size, seed=args.seed)
+    except UnsafeWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     n_train, n_val = args.num_train_per_class * len(CLASSES), args.num_val_per_class * len(CLASSES)
     print(f"demo dataset in {args.out}: {len(CLASSES)} classes, {n_train} train + {n_val} val images; "
           f"lists: {', '.join(str(p) for p in written.values())}")

@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mapet_ds.filelist import FileListError, write_filelist  # noqa: E402
+from mapet_ds.safe_io import InputGuard, UnsafeWriteError  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -85,6 +86,11 @@ def make_filelists(root: str | os.PathLike, out_dir: str | os.PathLike | None = 
     def rel(p: Path) -> str:
         return os.path.relpath(p, out)
 
+    # The lists are the only files written; the label file is the one input they could hit.
+    guard = InputGuard().add(val_labels, "the --val-labels file")
+    for name in ("train.txt", "val.txt", "classes.txt"):
+        guard.check(out / name)
+
     written: dict[str, Path] = {}
     if train_dir.is_dir():
         entries = [(rel(p), index[c]) for c in classes for p in _images_under(train_dir / c)]
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         written = make_filelists(args.root, args.out, val_labels=args.val_labels)
-    except FileListError as e:
+    except (FileListError, UnsafeWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for split, path in written.items():

@@ -14,8 +14,11 @@ training run. This scan finds them first (in parallel, with a progress bar):
 
 Writes into OUT: ``<list stem>_clean.txt`` (paths relative to OUT, classes.txt copied
 beside it), ``<list stem>_scan.json``, and with --repair the converted copies under
-``OUT/repaired/<original relative path>``. Sample ids of the clean list are its own
-line indices: make token stores from the clean list.
+``OUT/repaired/<list path>``, where list paths that climb out (``../train/x.JPEG``,
+absolute ones) lose their leading ``..`` and ``/`` parts (``OUT/repaired/train/x.JPEG``):
+nothing is ever written outside OUT, and the scan refuses to write onto any of its
+inputs (the list, its images). Sample ids of the clean list are its own line indices:
+make token stores from the clean list.
 
     python data/scan.py /data/imagenet/train.txt --out /data/imagenet_clean --repair
 """
@@ -26,7 +29,6 @@ import argparse
 import io
 import json
 import os
-import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -37,6 +39,15 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mapet_ds.filelist import FileListError, read_filelist, write_filelist  # noqa: E402
+from mapet_ds.safe_io import (  # noqa: E402
+    InputGuard,
+    UnsafeWriteError,
+    atomic_copy,
+    atomic_write_bytes,
+    atomic_write_text,
+    contained_names,
+    path_under,
+)
 
 DROP = ("truncated", "undecodable")
 CONVERT = ("cmyk", "wrong_format")
@@ -94,31 +105,46 @@ def _repair(src: str, dst: Path) -> None:
     """Re-encode ``src`` as an RGB JPEG at ``dst`` (atomic)."""
     with Image.open(src) as img:
         rgb = img.convert("RGB")
-    dst.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=95)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, dst)
+    atomic_write_bytes(dst, buf.getvalue())
 
 
-def _work(args: tuple) -> dict:
-    sample_id, rel, abspath, out_dir, min_size, repair = args
+def _check(args: tuple) -> dict:
+    sample_id, rel, abspath, min_size, repair = args
     info = check_image(abspath, min_size)
     issues = info["issues"]
     if any(i in DROP for i in issues):
         action = "dropped"
     elif any(i in CONVERT for i in issues) or (repair and "grayscale" in issues):
-        action = "dropped"
-        if repair:
-            try:
-                _repair(abspath, Path(out_dir) / "repaired" / rel)
-                action = "repaired"
-            except Exception as e:  # a file PIL opened but cannot convert: report, do not crash the scan
-                info["detail"] += f"; repair failed: {e}"
+        action = "repair" if repair else "dropped"
     else:
         action = "kept"
     return {"sample_id": sample_id, "path": rel, "action": action, **info}
+
+
+def _repair_job(args: tuple) -> str:
+    src, dst = args
+    try:
+        _repair(src, Path(dst))
+        return ""
+    except Exception as e:  # a file PIL opened but cannot convert: report, do not crash the scan
+        return f"; repair failed: {e}"
+
+
+def _map(fn, jobs: list, workers: int, bar) -> list:
+    """[fn(job) for job in jobs], in order, over ``workers`` processes, ticking ``bar``."""
+    out: list = []
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            out.append(fn(job))
+            bar.update()
+        return out
+    with ProcessPoolExecutor(workers) as ex:
+        for r in ex.map(fn, jobs, chunksize=max(1, min(256, len(jobs) // (8 * workers)))):
+            out.append(r)
+            bar.update()
+    return out
 
 
 def scan_filelist(filelist: str | os.PathLike, out_dir: str | os.PathLike, *, root: str | os.PathLike | None = None,
@@ -131,22 +157,41 @@ def scan_filelist(filelist: str | os.PathLike, out_dir: str | os.PathLike, *, ro
     """
     fl = read_filelist(filelist, root)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = fl.list_path.stem
-    jobs = [(i, rel, fl.abspath(i), str(out), min_size, repair) for i, rel in enumerate(fl.paths)]
+    guard = InputGuard().add(fl.list_path, "the file list being scanned")
+    guard.add(fl.list_path.parent / "classes.txt", "the class names of the list")
+    guard.add_files(fl.abspaths(), "an image of the list")
+    clean_path = guard.check(out / f"{stem}_clean.txt")
+    report_path = guard.check(out / f"{stem}_scan.json")
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(i, rel, fl.abspath(i), min_size, repair) for i, rel in enumerate(fl.paths)]
     workers = workers if workers is not None else (os.cpu_count() or 1)
     bar = tqdm(total=len(jobs), desc=f"scan {fl.list_path.name}", unit="img", disable=not progress)
-    results: list[dict] = []
-    if workers <= 1:
-        for job in jobs:
-            results.append(_work(job))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(workers) as ex:
-            for r in ex.map(_work, jobs, chunksize=max(1, min(256, len(jobs) // (8 * workers)))):
-                results.append(r)
-                bar.update()
+    results: list[dict] = _map(_check, jobs, workers, bar)
     bar.close()
+
+    # Repairs run after the scan, so every destination is checked here, in one process:
+    # under OUT/repaired/ whatever the list path, and never one of the list's images.
+    to_repair = [r for r in results if r["action"] == "repair"]
+    if to_repair:
+        names = contained_names(fl.paths)
+        repaired_dir = out / "repaired"
+        for r in to_repair:
+            r["repaired"] = "repaired/" + names[r["sample_id"]]
+            dst = guard.check(path_under(repaired_dir, names[r["sample_id"]]))
+            if dst.exists() and os.path.samefile(dst, fl.abspath(r["sample_id"])):  # reached through a link
+                raise UnsafeWriteError(f"refusing to write {dst}: it is the image {fl.abspath(r['sample_id'])} "
+                                       f"of the list, an input of this command; choose another --out")
+            r["_dst"] = dst
+        bar = tqdm(total=len(to_repair), desc="repair", unit="img", disable=not progress)
+        failures = _map(_repair_job, [(fl.abspath(r["sample_id"]), str(r.pop("_dst"))) for r in to_repair],
+                        workers, bar)
+        bar.close()
+        for r, fail in zip(to_repair, failures):
+            r["action"] = "dropped" if fail else "repaired"
+            r["detail"] += fail
+            if fail:
+                del r["repaired"]
 
     entries = []
     for r in results:
@@ -154,15 +199,13 @@ def scan_filelist(filelist: str | os.PathLike, out_dir: str | os.PathLike, *, ro
         if r["action"] == "kept":
             entries.append((os.path.relpath(fl.abspath(r["sample_id"]), out), y))
         elif r["action"] == "repaired":
-            entries.append((os.path.join("repaired", r["path"]), y))
-    clean_path = out / f"{stem}_clean.txt"
+            entries.append((r["repaired"], y))
     if not entries:
         raise FileListError(f"{fl.list_path}: no usable image left after the scan; see the report in {out}")
     write_filelist(clean_path, entries)
     classes_src = fl.list_path.parent / "classes.txt"
     if classes_src.is_file() and classes_src.resolve() != (out / "classes.txt").resolve():
-        shutil.copyfile(classes_src, out / "classes.txt.tmp")
-        os.replace(out / "classes.txt.tmp", out / "classes.txt")
+        atomic_copy(classes_src, guard.check(out / "classes.txt"))
 
     problems = [r for r in results if r["issues"]]
     report = {
@@ -177,10 +220,7 @@ def scan_filelist(filelist: str | os.PathLike, out_dir: str | os.PathLike, *, ro
         "repair": repair,
         "problems": problems,
     }
-    report_path = out / f"{stem}_scan.json"
-    tmp = report_path.with_name(report_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
-    os.replace(tmp, report_path)
+    atomic_write_text(report_path, json.dumps(report, indent=1))
     report["report"] = str(report_path)
     return report
 
@@ -198,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = scan_filelist(args.filelist, args.out, root=args.root, workers=args.workers,
                                min_size=args.min_size, repair=args.repair, progress=not args.no_progress)
-    except FileListError as e:
+    except (FileListError, UnsafeWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items() if v) or "no issues"

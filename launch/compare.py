@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from mapet_ds.analysis.compare import (
+        SWEEP_OUTPUTS,
         Sweep,
         SweepError,
         build_plan,
@@ -53,10 +54,16 @@ def main(argv=None) -> int:
     from mapet_ds.analysis.report import markdown, write_results
     from mapet_ds.config import ConfigError, load_config
     from mapet_ds.filelist import FileListError
+    from mapet_ds.safe_io import InputGuard, UnsafeWriteError
 
     a = parse_args(argv)
     command = "python launch/compare.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     try:
+        guard = InputGuard()
+        for path, what in ((a.config, "the --config recipe"), (a.finetune_config, "the --finetune-config recipe"),
+                           (a.ds_config, "the --ds_config file"), (a.finetune_ds_config, "the --finetune-ds-config file")):
+            guard.add(path, what)
+        guard.check_folder(a.out, SWEEP_OUTPUTS)
         plan = build_plan(a.config, parse_list(a.objectives, "objectives"), parse_list(a.seeds, "seeds", int),
                           a.out, finetune_config=a.finetune_config, budget=a.budget, overrides=a.overrides,
                           compute_reference=a.compute_reference)
@@ -72,7 +79,7 @@ def main(argv=None) -> int:
             return 0
         ok = sweep.run()
         rows, paths = write_results(plan, knn, command)
-    except (SweepError, ConfigError, FileListError) as err:
+    except (SweepError, ConfigError, FileListError, UnsafeWriteError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     print(markdown(plan, rows).split("## Runs")[0].rstrip())

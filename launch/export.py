@@ -22,6 +22,7 @@ import sys
 
 from mapet_ds.config import ConfigError
 from mapet_ds.interop.export import CheckpointError, export_timm, sidecar_path
+from mapet_ds.safe_io import UnsafeWriteError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
             a.src, a.out, kind=a.kind, config_path=a.config, use_ema=a.ema,
             release=True if a.from_mapet_release else None, require_complete=not a.allow_unmarked,
         )
-    except (CheckpointError, ConfigError) as err:
+    except (CheckpointError, ConfigError, UnsafeWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     src = info["source"]

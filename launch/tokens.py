@@ -20,6 +20,16 @@ import json
 import os
 
 
+def _guard(a: argparse.Namespace):
+    """What fit / assign read, so --out can never name one of them."""
+    from mapet_ds.safe_io import InputGuard
+
+    guard = InputGuard().add(a.filelist, "the file list")
+    if a.clip_weights and os.path.exists(a.clip_weights):
+        guard.add(a.clip_weights, "the CLIP weights")
+    return guard
+
+
 def cmd_fit(a: argparse.Namespace) -> None:
     from mapet_ds.filelist import read_filelist
     from mapet_ds.tokenizers import (
@@ -37,6 +47,7 @@ def cmd_fit(a: argparse.Namespace) -> None:
         print("[fit] runs in one process: rank > 0 has nothing to do")
         return
     filelist = read_filelist(a.filelist, root=a.root)
+    _guard(a).add_files(filelist.abspaths(), "an image of the list").check(a.out)
     use_gpu = a.faiss_gpu
     if use_gpu == "auto" and (note := faiss_cpu_fallback_note()) is not None:
         print(f"[fit] note: {note}", flush=True)  # before the (long) sampling and fit, not after
@@ -83,6 +94,7 @@ def cmd_assign(a: argparse.Namespace) -> None:
     )
 
     filelist = read_filelist(a.filelist, root=a.root)
+    _guard(a).add(a.codebook, "the codebook").check_folder(a.out, ["meta.json", "tokens.npy", "progress"])
     codebook = Codebook.load(a.codebook)
     extractor = build_extractor(codebook.meta["extractor"], clip_weights=a.clip_weights, device=a.device)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -160,13 +172,17 @@ def main(argv=None) -> None:
     t.set_defaults(fn=cmd_stats)
 
     a = p.parse_args(argv)
+    from mapet_ds.engine.errors import run_main
     from mapet_ds.filelist import FileListError
+    from mapet_ds.pipelines.common import PipelineRunError
+    from mapet_ds.safe_io import UnsafeWriteError
     from mapet_ds.tokenizers import CodebookError, FeatureError, TokenStoreError
 
-    try:
-        a.fn(a)
-    except (FileListError, CodebookError, FeatureError, TokenStoreError) as e:
-        raise SystemExit(f"error: {e}") from None
+    # one `error:` line per job (not per rank) and exit code 2, as the training launchers
+    code = run_main(lambda: a.fn(a), (FileListError, CodebookError, FeatureError, TokenStoreError,
+                                      UnsafeWriteError, PipelineRunError, OSError))
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -393,9 +393,6 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the fully resolved config as YAML (atomically); load_config reads it back equal."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from mapet_ds.safe_io import atomic_write_text
+
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -15,6 +15,7 @@ optional ``classes.txt`` beside the list names class ``i`` on line ``i``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -102,6 +103,18 @@ class FileList:
             )
 
 
+@contextlib.contextmanager
+def _unreadable_as_filelist_error(path: Path):
+    """An unreadable or non-UTF-8 list -> one FileListError naming it (not an errno / codec traceback)."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise FileListError(f"file list {path} is not UTF-8 text ({e.reason}): re-write it with "
+                            f"data/make_filelist.py") from None
+    except OSError as e:
+        raise FileListError(f"file list {path} cannot be read: {e.strerror or e}") from None
+
+
 def read_filelist(path: str | os.PathLike, root: str | os.PathLike | None = None) -> FileList:
     """Read a file list; errors name the file and line and say how to fix them."""
     path = Path(path)
@@ -113,7 +126,7 @@ def read_filelist(path: str | os.PathLike, root: str | os.PathLike | None = None
     paths: list[str] = []
     labels: list[int] = []
     lines: list[int] = []
-    with open(path, encoding="utf-8") as f:
+    with _unreadable_as_filelist_error(path), open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if not line.strip() or line.lstrip().startswith("#"):
@@ -150,19 +163,20 @@ def write_filelist(
     classes: Sequence[str] | None = None,
 ) -> Path:
     """Write ``entries`` (relative path, class index) atomically; optionally classes.txt beside it."""
+    from mapet_ds.safe_io import atomic_write, atomic_write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rel, y in entries:
-            if "\t" in rel or "\n" in rel:
-                raise FileListError(f"path {rel!r} contains a tab or newline; rename the file")
-            f.write(f"{rel}\t{int(y)}\n")
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rel, y in entries:
+                if "\t" in rel or "\n" in rel:
+                    raise FileListError(f"path {rel!r} contains a tab or newline; rename the file")
+                f.write(f"{rel}\t{int(y)}\n")
+
+    atomic_write(path, write)
     if classes is not None:
-        ctmp = path.parent / "classes.txt.tmp"
-        ctmp.write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
-        os.replace(ctmp, path.parent / "classes.txt")
+        atomic_write_text(path.parent / "classes.txt", "".join(f"{c}\n" for c in classes))
     return path
 
 

@@ -25,6 +25,8 @@ def load_data_tool(name: str):
     """Import data/<name>.py (a script folder, not a package) as a module."""
     import importlib.util
 
+    if f"mapet_data_{name}" in sys.modules:  # one module per tool: a second copy's functions would not pickle
+        return sys.modules[f"mapet_data_{name}"]
     spec = importlib.util.spec_from_file_location(f"mapet_data_{name}", REPO / "data" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # so worker processes can unpickle its functions

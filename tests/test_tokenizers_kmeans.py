@@ -367,7 +367,7 @@ def test_killed_assign_resumes_identically(tmp_path, image_set, monkeypatch):
     np.testing.assert_array_equal(np.asarray(done.tokens), np.asarray(TokenStore.open(tmp_path / "clean").tokens))
 
 
-def test_clip_cli_fit_assign(tmp_path, image_set, tiny_clip):
+def test_clip_cli_fit_assign(tmp_path, image_set, tiny_clip, capsys):
     cli = _cli()
     cli.main(["fit", "--filelist", str(image_set), "--extractor", "clip", "--clip-model", "mapet-tiny-vit",
               "--clip-weights", tiny_clip["mapet-tiny-vit"], "--img-size", "64", "--patch-size", "16", "--k", "8",
@@ -380,10 +380,12 @@ def test_clip_cli_fit_assign(tmp_path, image_set, tiny_clip):
     t = store.rows(torch.arange(30))
     assert t.shape == (30, 16) and t.min() >= 0 and t.max() < 8
     # a ViT grid the tower cannot give fails clearly, through the CLI as a one-line exit
-    with pytest.raises(SystemExit, match="patch grid is 14x14"):
+    with pytest.raises(SystemExit) as stop:
         cli.main(["fit", "--filelist", str(image_set), "--extractor", "clip", "--clip-model", "mapet-tiny-vit",
                   "--clip-weights", tiny_clip["mapet-tiny-vit"], "--img-size", "224", "--patch-size", "16",
                   "--k", "8", "--device", "cpu", "--out", str(tmp_path / "bad.pt")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]  # (tqdm bars aside)
+    assert stop.value.code == 2 and len(err) == 1 and "patch grid is 14x14" in err[0]
 
 
 @pytest.mark.parametrize("folder", ["launch", "bench", "data"])

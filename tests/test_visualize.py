@@ -7,6 +7,7 @@ import torch
 from conftest import run_py
 from PIL import Image
 
+from mapet_ds.analysis import figures as F
 from mapet_ds.analysis import visualize as V
 from mapet_ds.models.objectives import plan_from_rank, sample_plan
 
@@ -108,8 +109,8 @@ def test_position_accuracy_accumulates_over_batches(as_torch):
 
 def test_confusion_matrix_image(tmp_path):
     conf = np.diag([5, 4, 3]) + 1
-    img = V.confusion_matrix_image(conf, ["circle", "ring", "star"])
-    assert img.shape == (320 + 14 * 3, 320 + 14 * 3, 3) and img.dtype == np.uint8
+    img = V.confusion_matrix_image(conf, ["circle", "ring", "star"], title="run ft, step 10")
+    assert img.shape == (800, 800, 3) and img.dtype == np.uint8  # legible on its own: >= 800 px
     assert V.confusion_matrix_image(torch.ones(100, 100, dtype=torch.long), size=400).shape == (400, 400, 3)
     V.save_png(img, tmp_path / "c.png")
     assert _png(tmp_path / "c.png").shape == img.shape
@@ -131,9 +132,52 @@ def test_tokens_cli_writes_pngs(demo_workspace):
                    "--num", "6", "--cols", "3", "--out", "vis"], cwd=ws)
     assert "token_maps: vis/token_maps.png" in proc.stdout
     grid = _png(ws / "vis/token_maps.png")
-    side = 64  # the pixel tokenizer's input size (launch/tokens.py fit --img-size 64)
-    assert grid.shape == (2 * side + 3 * V.GAP, 3 * (2 * side + V.PAD) + 4 * V.GAP, 3)
-    assert _png(ws / "vis/code_usage.png").shape == (320, 640, 3)
+    assert grid.shape[1] == 1200 and grid.shape[0] > 2 * 1200 / 6  # 2 rows of 3 (image, token map) pairs
+    assert _png(ws / "vis/code_usage.png").shape == (420, 900, 3)
     bad = run_py(["-m", "mapet_ds.analysis.visualize", "tokens", "--store", "nowhere", "--filelist", "data/train.txt"],
                  cwd=ws, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: no token store at nowhere")
+
+
+# -- figures: the pictures the pre-training writes -------------------------------------------
+
+def _count(img, colour) -> int:
+    return int((img.reshape(-1, 3) == np.asarray(colour, np.uint8)).all(1).sum())
+
+
+def _has(img, colour) -> bool:
+    return _count(img, colour) > 0
+
+
+def test_plan_figure_is_legible_and_marks_right_and_wrong():
+    g, vocab, b = 4, 32, 3
+    n = g * g
+    rng = np.random.default_rng(0)
+    images = np.full((b, 3, 64, 64), 90, np.uint8)
+    rank = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i)) + 1 for i in range(b)])
+    plan = plan_from_rank("mapet", rank, 12)
+    target = rng.integers(0, vocab, (b, 12))
+    fig = F.plan_figure(images, rank, plan.predicted, target, target, vocab, g, objective="mapet", run="pt", step=7)
+    assert fig.shape[1] == 1200 and fig.dtype == np.uint8
+    assert fig.shape[0] == int(110 + b * ((1200 - 160) / 4 + 30))
+    legend_red = _count(fig, V.RED)  # all right: red only in the legend's "wrong" swatch
+    assert _count(fig, V.GREEN) > 12 * b * 20 and legend_red < 200
+    wrong = target.copy()
+    wrong[:, 0] = (wrong[:, 0] + 1) % vocab
+    fig2 = F.plan_figure(images, rank, plan.predicted, target, wrong, vocab, g, run="pt", step=7)
+    assert _count(fig2, V.RED) > legend_red + b * 20  # one red frame per image row
+    assert np.array_equal(fig2, F.plan_figure(images, rank, plan.predicted, target, wrong, vocab, g, run="pt", step=7))
+    mim = sample_plan("mim", b, g, 5, min_block=2)
+    assert F.plan_figure(images, None, mim.predicted, target[:, :5], target[:, :5], vocab, g).shape[1] == 1200
+
+
+def test_position_accuracy_figure_and_token_maps_figure():
+    acc = np.linspace(0, 1, 16)
+    acc[5] = np.nan
+    img = F.position_accuracy_figure(acc, 4, run="pt", step=3)
+    assert img.shape == (800, 900, 3)
+    assert _has(img, (153, 153, 153))  # the never-predicted cell is grey (0.6)
+    with pytest.raises(ValueError, match="grid 4x4 has 16"):
+        F.position_accuracy_figure(acc[:9], 4)
+    tok = F.token_maps_figure(np.zeros((5, 3, 32, 32), np.uint8), np.arange(80).reshape(5, 16) % 50, 50, cols=3)
+    assert tok.shape[1] == 1200 and tok.shape[0] == int(70 + 2 * ((1200 - 40) / 6 + 24))

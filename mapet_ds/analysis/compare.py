@@ -42,6 +42,7 @@ import yaml
 from mapet_ds.config import RunConfig, config_to_dict, load_config
 from mapet_ds.engine.checkpoint import MARKER, newest_complete
 from mapet_ds.models.flops import pretrain_forward_flops
+from mapet_ds.safe_io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 OBJECTIVES = ("mim", "pet", "mapet")
@@ -251,10 +252,12 @@ def check_finetune_fresh(spec: RunSpec) -> None:
 
 
 def _write_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+# What a sweep writes under --out (launch/compare.py refuses an --out whose entries hold its inputs).
+SWEEP_OUTPUTS = ("state.json", "plan.json", "results.csv", "results.md", "comparison.png", "logs", "pretrain",
+                 "finetune", "knn")
 
 
 def read_json(path: Path, default=None):

@@ -20,6 +20,7 @@ import numpy as np
 
 from mapet_ds.analysis.compare import RunSpec, SweepPlan, read_json
 from mapet_ds.analysis.visualize import figure_to_array, new_figure, save_png
+from mapet_ds.safe_io import atomic_write_text
 
 COLUMNS = ("objective", "seed", "pretrain_steps", "pretrain_flops", "pretrain_loss", "token_acc",
            "finetune_top1", "finetune_top5", "finetune_best_top1", "knn_top1", "knn_top5",
@@ -162,12 +163,6 @@ def markdown(plan: SweepPlan, rows: list[dict], command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def comparison_figure(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], x_label: str,
                       finetune_top1: dict[str, list[float]], knn_top1: Optional[dict[str, list[float]]] = None,
                       title: str = "", width: int = 1100, height: int = 420, smooth: int = 1) -> np.ndarray:
@@ -263,7 +258,7 @@ def write_results(plan: SweepPlan, knn: bool, command: str = "") -> tuple[list[d
     for r in rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     paths = {"csv": out / "results.csv", "md": out / "results.md", "png": out / "comparison.png"}
-    _atomic_text(buf.getvalue(), paths["csv"])
-    _atomic_text(markdown(plan, rows, command), paths["md"])
+    atomic_write_text(paths["csv"], buf.getvalue())
+    atomic_write_text(paths["md"], markdown(plan, rows, command))
     save_png(figure(plan, rows), paths["png"])
     return rows, paths

@@ -46,12 +46,9 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     arr = _np(image)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
         raise ValueError(f"save_png needs a uint8 [H, W, 3] array, got {arr.dtype} {arr.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, path)
-    return path
+    from mapet_ds.safe_io import atomic_write
+
+    return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG", optimize=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,16 +99,16 @@ def _cell_bounds(index: int, grid: int, height: int, width: int) -> tuple[int, i
     return r * height // grid, (r + 1) * height // grid, c * width // grid, (c + 1) * width // grid
 
 
-def _outline(img: np.ndarray, indices, grid: int, colour) -> None:
-    """Draw a 1-px frame in place around each listed patch cell of img [H, W, 3]."""
+def _outline(img: np.ndarray, indices, grid: int, colour, width: int = 1) -> None:
+    """Draw a ``width``-px frame in place around each listed patch cell of img [H, W, 3]."""
     h, w = img.shape[:2]
     colours = np.broadcast_to(np.asarray(colour, np.uint8), (len(indices), 3))
     for idx, col in zip(indices, colours):
         t, b, l, r = _cell_bounds(idx, grid, h, w)
-        img[t, l:r] = col
-        img[b - 1, l:r] = col
-        img[t:b, l] = col
-        img[t:b, r - 1] = col
+        img[t : t + width, l:r] = col
+        img[b - width : b, l:r] = col
+        img[t:b, l : l + width] = col
+        img[t:b, r - width : r] = col
 
 
 def _hwc(image) -> np.ndarray:
@@ -215,7 +212,7 @@ def figure_to_array(fig) -> np.ndarray:
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-def code_usage_histogram(counts, width: int = 640, height: int = 320, title: str = "code usage") -> np.ndarray:
+def code_usage_histogram(counts, width: int = 900, height: int = 420, title: str = "code usage") -> np.ndarray:
     """counts [V] (how often each code occurs) -> uint8 [height, width, 3]: usage sorted
     from most to least used, log y; unused codes and the perplexity are in the title."""
     c = _np(counts).astype(np.float64).reshape(-1)
@@ -233,7 +230,7 @@ def code_usage_histogram(counts, width: int = 640, height: int = 320, title: str
     ax.set_xlim(0, max(c.size, 1))
     ax.set_xlabel("code rank (most used first)")
     ax.set_ylabel("occurrences")
-    ax.set_title(f"{title}: {used}/{c.size} codes used, {c.size - used} unused, perplexity {ppl:.1f}", fontsize=9)
+    ax.set_title(f"{title}: {used}/{c.size} codes used, {c.size - used} unused, perplexity {ppl:.1f}", fontsize=11)
     fig.tight_layout()
     return figure_to_array(fig)
 
@@ -310,16 +307,18 @@ def position_accuracy_map(acc, grid: int, size: int = 128, vmin: float = 0.0, vm
 
 
 def plan_panel(image, rank, predicted, target_tokens, predicted_tokens, vocab: int, grid: int,
-               caption: bool = True) -> np.ndarray:
+               caption: bool = True, frame: int = 1) -> np.ndarray:
     """One validation image and what the objective did with it, four panels side by side.
 
     image: uint8 [3, H, W]; rank: int [N] permutation step of each patch (1..N; None for
     mim, whose masked patches are then shown as the predicted set); predicted: int [m]
     patch indices; target_tokens / predicted_tokens: int [m] code ids at those positions.
-    Panels: the image | rank as a heat map (dark = early), predicted patches framed white |
+    Panels: the image | rank as a heat map (dark = early), predicted patches framed white and
+    context patches washed out |
     target tokens at the predicted positions (context dimmed) | the model's tokens,
-    framed green where right and red where wrong. Returns uint8 [HEADER + H, 4W + 3*PAD, 3]
-    (without the caption strip when ``caption`` is False).
+    framed green where right and red where wrong (frames ``frame`` px wide). Returns uint8
+    [HEADER + H, 4W + 3*PAD, 3] (without the caption strip when ``caption`` is False).
+    :func:`mapet_ds.analysis.figures.plan_figure` lays these out with titles and legends.
     """
     img = _hwc(image)
     h, w = img.shape[:2]
@@ -342,11 +341,12 @@ def plan_panel(image, rank, predicted, target_tokens, predicted_tokens, vocab: i
     else:  # mim: no order, only masked (predicted) vs visible
         heat = _colormap(np.where(is_pred, 0.85, 0.15).reshape(grid, grid))
     heat = _upsample(heat, h, w)
-    _outline(heat, pred, grid, WHITE)
+    cell_mask = _upsample(is_pred.reshape(grid, grid), h, w)  # bool [H, W]: pixel lies in a predicted cell
+    heat = np.where(cell_mask[..., None], heat, (heat.astype(np.uint16) // 3 + 170).astype(np.uint8))
+    _outline(heat, pred, grid, WHITE, frame)
 
     dim = (img.astype(np.uint16) // 3 + 170).astype(np.uint8)  # a washed-out context background
     colours = code_colors(vocab)
-    cell_mask = _upsample(is_pred.reshape(grid, grid), h, w)  # bool [H, W]: pixel lies in a predicted cell
 
     def tokens_panel(codes: np.ndarray) -> np.ndarray:
         cells = np.zeros((n, 3), np.uint8)
@@ -356,8 +356,8 @@ def plan_panel(image, rank, predicted, target_tokens, predicted_tokens, vocab: i
     target_panel = tokens_panel(tgt)
     output_panel = tokens_panel(out)
     right = out == tgt
-    _outline(output_panel, pred[right], grid, GREEN)
-    _outline(output_panel, pred[~right], grid, RED)
+    _outline(output_panel, pred[right], grid, GREEN, frame)
+    _outline(output_panel, pred[~right], grid, RED, frame)
     row = _hstack([img, heat, target_panel, output_panel])
     if not caption:
         return row
@@ -389,12 +389,12 @@ def plan_panels(images, ranks, predicted, target_tokens, predicted_tokens, vocab
 
 
 def confusion_matrix_image(conf, class_names: Optional[Sequence[str]] = None, size: Optional[int] = None,
-                           max_labels: int = 40) -> np.ndarray:
+                           max_labels: int = 40, title: str = "") -> np.ndarray:
     """conf int [C, C] (rows = true class, columns = predicted) -> uint8 [S, S, 3].
 
     Rows are normalised to recall; the title gives the overall accuracy. Class names are
     written when C <= max_labels, cell values when C <= 12. S defaults to
-    clamp(320 + 14*C, 320, 1200) px.
+    clamp(600 + 14*C, 800, 1400) px. ``title`` (e.g. run and step) leads the title line.
     """
     m = _np(conf).astype(np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
@@ -402,19 +402,21 @@ def confusion_matrix_image(conf, class_names: Optional[Sequence[str]] = None, si
     c = m.shape[0]
     if class_names is not None and len(class_names) != c:
         raise ValueError(f"{len(class_names)} class names for a {c}x{c} confusion matrix")
-    s = size or int(min(max(320 + 14 * c, 320), 1200))
+    s = size or int(min(max(600 + 14 * c, 800), 1400))
     recall = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
     acc = np.trace(m) / max(m.sum(), 1)
     fig = new_figure(s, s)
     ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(recall, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(f"confusion (row-normalised), top-1 {100 * acc:.1f}% of {int(m.sum())}", fontsize=9)
+    im = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label("recall (fraction of the true class)", fontsize=10)
+    ax.set_title(f"{title + ': ' if title else ''}confusion (row-normalised), top-1 {100 * acc:.1f}% of "
+                 f"{int(m.sum())} images", fontsize=11)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if c <= max_labels:
         names = list(class_names) if class_names is not None else [str(i) for i in range(c)]
-        ax.set_xticks(range(c), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(c), names, fontsize=7)
+        ax.set_xticks(range(c), names, rotation=90, fontsize=9 if c <= 20 else 7)
+        ax.set_yticks(range(c), names, fontsize=9 if c <= 20 else 7)
     else:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -422,7 +424,7 @@ def confusion_matrix_image(conf, class_names: Optional[Sequence[str]] = None, si
         for i in range(c):
             for j in range(c):
                 if m[i, j]:
-                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
+                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=9,
                             color="white" if recall[i, j] > 0.5 else "black")
     fig.tight_layout()
     return figure_to_array(fig)
@@ -454,7 +456,10 @@ def tokenizer_pictures(store_dir: str, filelist: str, out_dir: str, *, root: Opt
     images = []
     for batch in tokenizer_view_loader(sub, size=view, batch_size=len(ids), num_threads=2):
         images.append(_np(batch["images"]))
-    grid_img = token_map_grid(np.concatenate(images)[: len(ids)], np.asarray(store.tokens[ids]), store.vocab, cols)
+    from mapet_ds.analysis.figures import token_maps_figure
+
+    grid_img = token_maps_figure(np.concatenate(images)[: len(ids)], np.asarray(store.tokens[ids]), store.vocab,
+                                 cols=cols, title=f"token store {Path(store_dir).name}")
     counts = np.zeros(store.vocab, np.int64)
     for start in range(0, done.size, 1 << 16):  # a memory-mapped ImageNet store, in slices
         chunk = np.asarray(store.tokens[done[start : start + (1 << 16)]]).reshape(-1).astype(np.int64)

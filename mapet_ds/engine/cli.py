@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
 from mapet_ds.config import ConfigError
 from mapet_ds.engine.ds_config import DEFAULT_DS_CONFIG
+from mapet_ds.engine.errors import run_main
 from mapet_ds.engine.trainer import NonFiniteStop
 from mapet_ds.filelist import FileListError
+from mapet_ds.pipelines.common import PipelineRunError
+from mapet_ds.safe_io import InputGuard
 
 # Errors caused by the user's input or data: printed as one line, exit code 2.
-# (TokenStoreError, CheckpointError, TokenizerWeightsError are ValueErrors.)
-USER_ERRORS = (ConfigError, FileListError, NonFiniteStop, ValueError, FileNotFoundError)
+# (TokenStoreError, CheckpointError, TokenizerWeightsError, UnsafeWriteError are ValueErrors;
+# PipelineRunError names the broken image and the scan to run; OSError: an unreadable file.)
+USER_ERRORS = (ConfigError, FileListError, NonFiniteStop, ValueError, PipelineRunError, OSError)
+
+# What a training run writes inside its run dir besides config.yaml / ds_config.json, which
+# are rewritten with the same resolved content on resume (so --config RUN/config.yaml is fine).
+RUN_DIR_OUTPUTS = ("checkpoints", "vis", "tb", "metrics.jsonl", "best.pt", "best.json", "summary.json")
 
 
 def job_parser(description: str) -> argparse.ArgumentParser:
@@ -27,10 +35,15 @@ def job_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_job(fn: Callable[[], None]) -> int:
-    """Run ``fn``; a user error becomes ``error: <one line>`` on stderr and exit code 2."""
-    try:
-        fn()
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    """Run ``fn``; a user error becomes ``error: <one line>`` on stderr (once per job, not per
+    rank) and exit code 2."""
+    return run_main(fn, USER_ERRORS)
+
+
+def check_run_dir(run_dir: str, inputs: Sequence[tuple[object, str]], field: str) -> Path:
+    """Refuse a run dir that is, or would overwrite, one of the run's inputs (a list, the token
+    store, tokenizer weights, the checkpoint it starts from)."""
+    guard = InputGuard()
+    for path, what in inputs:
+        guard.add(path, what)
+    return guard.check_folder(run_dir, RUN_DIR_OUTPUTS, field)

@@ -146,9 +146,6 @@ def resolve_ds_config(
 
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from mapet_ds.safe_io import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -11,7 +11,6 @@ sample counted once whatever the world size; optional EMA weights evaluated alon
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -21,12 +20,13 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 from mapet_ds.config import ConfigError, RunConfig, load_config
-from mapet_ds.engine.cli import job_parser, run_job
+from mapet_ds.engine.cli import check_run_dir, job_parser, run_job
 from mapet_ds.engine.dist import DistInfo, all_reduce_sum, init_distributed
 from mapet_ds.engine.trainer import Trainer
 from mapet_ds.filelist import read_filelist
 from mapet_ds.models.classifier import build_classifier, load_backbone_into_classifier
 from mapet_ds.models.flops import classifier_forward_flops
+from mapet_ds.safe_io import atomic_write, atomic_write_text
 
 
 @torch.no_grad()
@@ -123,7 +123,8 @@ class FinetuneStep:
         if final and self.dist.is_main:
             from mapet_ds.analysis.visualize import confusion_matrix_image, save_png
 
-            img = confusion_matrix_image(res.pop("confusion"), self.class_names)
+            img = confusion_matrix_image(res.pop("confusion"), self.class_names,
+                                         title=f"run {trainer.run_dir.name}, step {trainer.state.step:,}")
             trainer.logger.image("eval/confusion_matrix", img, trainer.state.samples_seen)
             save_png(img, trainer.run_dir / "confusion_matrix.png")
         res.pop("confusion", None)
@@ -150,13 +151,10 @@ class FinetuneStep:
 
 def _save_best(trainer: Trainer, res: dict) -> None:
     """Best weights as a plain timm state dict (the 'best' checkpoint users keep)."""
-    path = trainer.run_dir / "best.pt"
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().float().cpu() for k, v in trainer.module.state_dict().items()}
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(trainer.run_dir / "best.pt", lambda tmp: torch.save(state, tmp))
     meta = {"step": trainer.state.step, "top1": res["top1"], "top5": res["top5"]}
-    (trainer.run_dir / "best.json").write_text(json.dumps(meta) + "\n")
+    atomic_write_text(trainer.run_dir / "best.json", json.dumps(meta) + "\n")
 
 
 def init_weights(model: torch.nn.Module, init: Optional[str], dist: DistInfo) -> Optional[dict]:
@@ -177,6 +175,9 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
     from mapet_ds.pipelines import eval_loader, finetune_train_loader
 
     d, f = cfg.data, cfg.finetune
+    check_run_dir(f.output_dir, [(d.train_list, "data.train_list"), (d.val_list, "data.val_list"),
+                                 (f.init, "finetune.init (the checkpoint fine-tuning starts from)")],
+                  "finetune.output_dir")
     if d.train_list is None or d.val_list is None:
         raise ConfigError("data.train_list and data.val_list must both be set for fine-tuning")
     train_fl = read_filelist(d.train_list, d.root)
@@ -227,9 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if dist.is_main:
             summary = {"top1": res.get("top1"), "top5": res.get("top5"),
                        "best_top1": trainer.state.extra.get("best_top1"), "run_dir": str(trainer.run_dir)}
-            tmp = trainer.run_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary) + "\n")
-            os.replace(tmp, trainer.run_dir / "summary.json")
+            atomic_write_text(trainer.run_dir / "summary.json", json.dumps(summary) + "\n")
             print(f"[finetune] done: {json.dumps(summary)}", flush=True)
         trainer.close()
 

@@ -8,7 +8,6 @@ detected GPU). Activation-checkpointing recomputation is not counted as useful w
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -72,9 +71,9 @@ class MetricLogger:
                 continue  # a line cut by a kill
             if rec.get("step", 0) <= step:
                 keep.append(line)
-        tmp = self.jsonl.with_name(self.jsonl.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-        os.replace(tmp, self.jsonl)
+        from mapet_ds.safe_io import atomic_write_text
+
+        atomic_write_text(self.jsonl, "".join(k + "\n" for k in keep))
 
     def scalars(self, values: dict[str, float], x: int) -> None:
         if not self.enabled:

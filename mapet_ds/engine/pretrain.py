@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from mapet_ds.config import ConfigError, RunConfig, load_config
-from mapet_ds.engine.cli import job_parser, run_job
+from mapet_ds.engine.cli import check_run_dir, job_parser, run_job
 from mapet_ds.engine.dist import DistInfo, all_reduce_sum, init_distributed
 from mapet_ds.engine.synthetic import SyntheticLoader, synthetic_token_table
 from mapet_ds.engine.trainer import Trainer
@@ -104,6 +104,7 @@ class PretrainStep:
         every = self.cfg.pretrain.vis_every
         if not every or trainer.state.step % every or not self.dist.is_main or self.filelist is None:
             return
+        from mapet_ds.analysis import figures as F
         from mapet_ds.analysis import visualize as V
 
         cfg, device = self.cfg, self.dist.device
@@ -119,14 +120,19 @@ class PretrainStep:
             out = module(vb["images"].to(trainer.dtype), vb["tokens"], plan)
         module.train(was_training)
         step, x = trainer.state.step, trainer.state.samples_seen
-        panels = V.plan_panels(vb["uint8"], plan.rank, plan.predicted, out["targets"], out["logits"].argmax(-1),
-                               cfg.tokenizer.vocab_size, grid)
+        run, vocab = trainer.run_dir.name, cfg.tokenizer.vocab_size
         acc = torch.where(self.pos_seen > 0, self.pos_hits.float() / self.pos_seen.clamp(min=1), float("nan"))
+        # One picture per tag, the same array to TensorBoard and to the PNG file.
         pictures = {
-            "pretrain/plan": panels,
-            "pretrain/position_accuracy": V.position_accuracy_map(acc.cpu(), grid, size=8 * grid),
-            "tokenizer/token_maps": V.token_map_grid(vb["uint8"], vb["tokens"], cfg.tokenizer.vocab_size),
-            "tokenizer/code_usage": V.code_usage_histogram(self._usage_counts.cpu()),
+            "pretrain/plan": F.plan_figure(vb["uint8"], plan.rank, plan.predicted, out["targets"],
+                                           out["logits"].argmax(-1), vocab, grid, objective=cfg.objective.name,
+                                           run=run, step=step),
+            "pretrain/position_accuracy": F.position_accuracy_figure(
+                acc.cpu(), grid, run=run, step=step, source="(training batches since the last picture)"),
+            "tokenizer/token_maps": F.token_maps_figure(vb["uint8"], vb["tokens"], vocab,
+                                                        title=f"tokenizer {cfg.tokenizer.kind}", run=run, step=step),
+            "tokenizer/code_usage": V.code_usage_histogram(
+                self._usage_counts.cpu(), title=f"training targets, run {run}, step {step:,}: code usage"),
         }
         self.pos_hits.zero_()
         self.pos_seen.zero_()
@@ -186,6 +192,9 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
     from mapet_ds.pipelines import pretrain_loader
 
     d = cfg.data
+    check_run_dir(cfg.pretrain.output_dir, [(d.train_list, "data.train_list"), (d.val_list, "data.val_list"),
+                                            (cfg.tokenizer.token_store, "tokenizer.token_store"),
+                                            (cfg.tokenizer.weights, "tokenizer.weights")], "pretrain.output_dir")
     online = cfg.tokenizer.online or cfg.tokenizer.kind in ("vqkd", "dvae")
     if d.synthetic:
         if online:

@@ -36,6 +36,7 @@ import torch
 from mapet_ds.config import ModelConfig, load_config
 from mapet_ds.engine.checkpoint import MARKER, complete_tags
 from mapet_ds.interop.release import CheckpointError, convert_mapet_release, is_foreign_layout, strip_prefixes
+from mapet_ds.safe_io import InputGuard, atomic_write
 
 __all__ = [
     "CheckpointError", "load_any_checkpoint", "export_timm", "timm_spec", "convert_mapet_release",
@@ -336,17 +337,6 @@ def sidecar_path(out_path: str | os.PathLike) -> Path:
     return out.with_suffix(".json")
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def export_timm(src: str | os.PathLike, out_path: str | os.PathLike, *, kind: str = "backbone",
                 model_cfg: Optional[ModelConfig] = None, config_path: Optional[str | os.PathLike] = None,
                 use_ema: bool = False, release: Optional[bool] = None, require_complete: bool = True,
@@ -361,7 +351,22 @@ def export_timm(src: str | os.PathLike, out_path: str | os.PathLike, *, kind: st
     """
     if kind not in ("backbone", "classifier"):
         raise CheckpointError(f"kind={kind!r}: must be 'backbone' or 'classifier'")
+    out, side = Path(out_path), sidecar_path(out_path)
+    # An export next to its run (runs/pt/backbone.pth) is fine; onto the checkpoint it reads is not.
+    if out.is_dir():
+        raise CheckpointError(f"OUT {out} is a folder: give a file name such as {out / 'backbone.pth'}")
+    guard = InputGuard().add(config_path, "the --config file")
+    if (Path(src) / "checkpoints").is_dir():  # a run dir: an export beside the run is fine, onto its checkpoints not
+        guard.add(Path(src) / "checkpoints", "the checkpoints being exported")
+        guard.add(Path(src) / "config.yaml", "the config of the run being exported")
+    else:
+        guard.add(src, "the checkpoint being exported")
+    for p in (out, side):
+        guard.check(p, "OUT")
     state, meta = load_any_checkpoint(src, use_ema=use_ema, release=release, require_complete=require_complete)
+    guard.add(meta.get("resolved"), "the checkpoint being exported").add(meta.get("config"), "the config of the run")
+    for p in (out, side):
+        guard.check(p, "OUT")
     if model_cfg is None:
         config_path = config_path or meta.get("config")
         if config_path:
@@ -375,8 +380,6 @@ def export_timm(src: str | os.PathLike, out_path: str | os.PathLike, *, kind: st
     else:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     name, kwargs = timm_spec(state, model_cfg)
-    out = Path(out_path)
-    side = sidecar_path(out)
     if verify:  # the promise of this file: strict load into timm works
         import timm
 
@@ -386,7 +389,7 @@ def export_timm(src: str | os.PathLike, out_path: str | os.PathLike, *, kind: st
         except RuntimeError as err:
             first = str(err).splitlines()[0]
             raise CheckpointError(f"exported weights do not load into timm {name}: {first}") from None
-    _atomic_write(out, lambda p: torch.save(state, p))
+    atomic_write(out, lambda p: torch.save(state, p))
     info = {
         "format": FORMAT, "file": out.name, "kind": kind, "timm_model": name, "timm_kwargs": kwargs,
         "usage": (f"m = timm.create_model({name!r}, pretrained=False, **timm_kwargs); "
@@ -400,5 +403,5 @@ def export_timm(src: str | os.PathLike, out_path: str | os.PathLike, *, kind: st
                                              "module", "global_steps", "config")},
         "dropped_keys": meta.get("dropped", []),
     }
-    _atomic_write(side, lambda p: p.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8"))
+    atomic_write(side, lambda p: p.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8"))
     return info

@@ -198,12 +198,10 @@ class Codebook:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (tmp + rename) as a torch file {"centroids", "meta"}."""
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        from mapet_ds.safe_io import atomic_write
+
         meta = dict(self.meta, format=FORMAT, k=self.k, dim=self.dim)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save({"centroids": torch.from_numpy(self.centroids), "meta": meta}, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save({"centroids": torch.from_numpy(self.centroids), "meta": meta}, tmp))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Codebook":

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from mapet_ds.filelist import FileList
+from mapet_ds.safe_io import atomic_write, atomic_write_text
 
 MAX_VOCAB = 32767
 FORMAT = "mapet_ds.token_store/1"
@@ -40,12 +41,7 @@ class TokenStoreError(ValueError):
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1), fsync=True)
 
 
 def _now() -> str:
@@ -128,13 +124,14 @@ class TokenStore:
         if os.path.exists(os.path.join(path, cls.META)):
             os.remove(os.path.join(path, cls.META))
         n, cells = len(filelist), grid * grid
-        tmp = os.path.join(path, f"tokens.tmp{os.getpid()}.npy")
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(n, cells))
-        for i in range(0, n, 65536):  # -1 marks rows not written yet
-            arr[i : i + 65536] = -1
-        arr.flush()
-        del arr
-        os.replace(tmp, os.path.join(path, cls.TOKENS))
+        def fill(tmp) -> None:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(n, cells))
+            for i in range(0, n, 65536):  # -1 marks rows not written yet
+                arr[i : i + 65536] = -1
+            arr.flush()
+            del arr
+
+        atomic_write(os.path.join(path, cls.TOKENS), fill)
         meta = {
             "format": FORMAT,
             "filelist": os.path.abspath(filelist.list_path),
