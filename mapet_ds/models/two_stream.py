@@ -67,6 +67,10 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMa
     fn = flex_attention
     if q.device.type == "cuda" and not torch.compiler.is_compiling():
         fn = _compiled(flex_attention)
+    if q.device.type == "cpu" and torch.compiler.is_compiling():
+        # inductor's CPU FlexAttention template (torch 2.14) reads the sizes of q's buffer
+        # and fails on the transposed views: give it dense tensors
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return fn(q, k, v, block_mask=block_mask)
 
 
