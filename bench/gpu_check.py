@@ -257,7 +257,6 @@ def _engine_sweep(S: dict, work: Path, clock: Clock, compile_: bool, reserve: fl
         a, b = c.get(f"{o}/sdpa{suffix}"), c.get(f"{o}/flex{suffix}")
         if a and b:
             out[f"{o}_flex_over_sdpa_time"] = round(b["step_s"] / a["step_s"], 3)
-    from mapet_ds.config import ModelConfig, ObjectiveConfig  # noqa: F401  (pydantic checked above)
 
     if f"mapet/sdpa{suffix}" in c and f"mim/sdpa{suffix}" in c:
         m, i = c[f"mapet/sdpa{suffix}"], c[f"mim/sdpa{suffix}"]
@@ -294,7 +293,7 @@ def part_compile(S, work, clock):
                 "loss_diff_vs_eager": round(abs(comp["loss"] - eager["loss"]), 6),
                 "summary": f"mapet/sdpa compiled+ckpt loss {comp['loss']} vs eager {eager['loss']}, "
                            f"first step {comp['first_step_s']}s (compile)"}
-    return _engine_sweep(S, work, clock, compile_=True, reserve=0)
+    return _engine_sweep(S, work, clock, compile_=True, reserve=60)  # ~ one config's compile + steps
 
 
 def part_ckpt(S, work, clock):
