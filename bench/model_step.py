@@ -5,6 +5,12 @@ Prints one JSON object as its last line: per-objective step times (median of
 ``overhead`` = time ratio / FLOP ratio (1.0 = no cost beyond the arithmetic).
 
     .venv/bin/python bench/model_step.py --size small --depth 4 --batch 8
+    .venv/bin/python bench/model_step.py --compare-attention   # + model.attention flex vs sdpa (mapet, pet)
+
+``--compare-attention`` adds ``{kind}_flex_over_sdpa_train`` (forward+backward; on the CPU
+flex trains through its mask_mod evaluated densely, torch having no CPU FlexAttention
+backward) and ``{kind}_flex_over_sdpa_forward`` (no_grad forward: the FlexAttention kernel
+itself, eager on the CPU, compiled on CUDA).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_objective(name, model_cfg, batch, vocab, iters, warmup, device, dtype):
+def time_objective(name, model_cfg, batch, vocab, iters, warmup, device, dtype, train=True):
     torch.manual_seed(0)
     model = PretrainModel(model_cfg, ObjectiveConfig(name=name), vocab).to(device).train()
     images = torch.randn(batch, 3, model_cfg.img_size, model_cfg.img_size, device=device)
@@ -38,10 +44,12 @@ def time_objective(name, model_cfg, batch, vocab, iters, warmup, device, dtype):
         _sync(device)
         t0 = time.perf_counter()
         plan = model.sample_plan(batch, device, gen)  # part of the step: built on the device
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), \
+                torch.set_grad_enabled(train):
             out = model(images, tokens, plan)
-        out["loss"].backward()
-        model.zero_grad(set_to_none=True)
+        if train:
+            out["loss"].backward()
+            model.zero_grad(set_to_none=True)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -58,6 +66,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compare-attention", action="store_true", help="also time model.attention=flex vs sdpa")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,6 +90,18 @@ def main(argv=None):
         result[f"{name}_over_mim_linear_flops"] = round(flops[name].linear / flops["mim"].linear, 3)
         result[f"{name}_overhead"] = round(t / f, 3)
     result["overhead"] = result["mapet_overhead"]
+    if args.compare_attention:
+        import warnings
+
+        warnings.simplefilter("ignore")  # CPU flex: dense-training and "without torch.compile" notes
+        for name in ("mapet", "pet"):
+            for train in (True, False):
+                t = {att: time_objective(name, cfg.model_copy(update={"attention": att}), args.batch, args.vocab,
+                                         args.iters, args.warmup, device, dtype, train=train)
+                     for att in ("sdpa", "flex")}
+                tag = "train" if train else "forward"
+                result[f"{name}_{tag}_sdpa_s"], result[f"{name}_{tag}_flex_s"] = round(t["sdpa"], 4), round(t["flex"], 4)
+                result[f"{name}_flex_over_sdpa_{tag}"] = round(t["flex"] / t["sdpa"], 3)
     print(json.dumps(result))
 
 

@@ -53,6 +53,14 @@ class ModelConfig(_Section):
     drop_path: float = Field(0.1, ge=0, lt=1)
     layer_scale_init: Optional[float] = Field(0.1, gt=0)
     grad_checkpointing: bool = False
+    # Two-stream (mapet/pet) attention: "sdpa" = one scaled_dot_product_attention call per
+    # layer with a dense bool mask [B,1,L,K]; "flex" = FlexAttention with a BlockMask built
+    # once per step from the per-row thresholds (compiled on CUDA; on CPU torch has no
+    # FlexAttention backward, so CPU training evaluates the same mask_mod densely with sdpa).
+    # MIM is single-stream and unmasked: it always uses timm's own attention (sdpa).
+    attention: Literal["sdpa", "flex"] = "sdpa"
+    # torch.compile of each transformer block (one compiled graph shared by all blocks)
+    compile: bool = False
 
     @model_validator(mode="after")
     def _resolve(self) -> "ModelConfig":
@@ -150,6 +158,8 @@ class DataConfig(_Section):
     # random tensors on the device instead of DALI + token store (throughput / MFU checks)
     synthetic: bool = False
     synthetic_samples: int = Field(10000, gt=0)
+    # batches DALI prepares ahead of the training step (its prefetch_queue_depth)
+    prefetch_queue_depth: int = Field(2, gt=0)
 
     @field_validator("std")
     @classmethod

@@ -192,7 +192,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
             train_fl, img_size=cfg.model.img_size, batch_size=micro_batch, shard_id=dist.rank,
             num_shards=dist.world_size, seed=f.seed, num_threads=d.num_threads, device=d.decode,
             scale=d.scale, hflip=d.hflip, rand_augment=d.rand_augment, mean=d.mean, std=d.std, checkpoint=state,
-            interpolation=d.interpolation)
+            interpolation=d.interpolation, prefetch_queue_depth=d.prefetch_queue_depth)
 
     def build_eval():
         micro = trainer.micro_batch

@@ -41,10 +41,17 @@ def build_param_groups(model: torch.nn.Module, optim: OptimConfig, layer_decay: 
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, layer_decay: float | None = None) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, layer_decay: float | None = None,
+                    fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over ``build_param_groups``; ``fused`` (default: on when CUDA is available) uses
+    torch's fused kernel: one launch for all parameters instead of several per tensor."""
     groups = build_param_groups(model, optim, layer_decay)
-    # foreach=False keeps the update bitwise identical whatever the tensor layout (exact resume)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=False)
+    if fused is None:
+        fused = torch.cuda.is_available()
+    # foreach=False keeps the CPU update bitwise identical whatever the tensor layout (exact
+    # resume); the fused kernel is per element as well, so resume stays exact with it
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=False,
+                             fused=bool(fused))
 
 
 class Schedule:

@@ -73,11 +73,13 @@ class PretrainStep:
             with torch.no_grad():
                 tokens = self.online_tokenizer.tokenize(batch["tok_images"].to(device))
         else:
-            tokens = self.token_table[batch["sample_ids"].to(device)].long()
+            tokens = self.token_table[_to_device(batch["sample_ids"], device)].long()
         images = images.to(self.trainer.dtype)
         plan = engine.module.sample_plan(images.shape[0], device, self.trainer.plan_generator)
         out = engine(images, tokens, plan)
-        self.code_counts += torch.bincount(out["targets"].flatten(), minlength=self.code_counts.numel())
+        # index_add_, not bincount: CUDA bincount reads the max id back to the host every step
+        targets = out["targets"].flatten()
+        self.code_counts.index_add_(0, targets, torch.ones_like(targets))
         if self.cfg.pretrain.vis_every:
             hits = out["hits"].long()
             self.pos_hits.scatter_add_(0, plan.predicted.flatten(), hits.flatten())
@@ -162,6 +164,13 @@ class PretrainStep:
         return {"uint8": u8, "images": images, "tokens": tokens}
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> GPU copy without a host synchronisation (a pageable copy waits for the stream)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _fault_step(kind: str) -> Optional[int]:
     spec = os.environ.get("MAPET_FAULT", "")
     if spec.startswith(kind + ":"):
@@ -223,6 +232,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
             color_jitter=d.color_jitter, mean=d.mean, std=d.std,
             tokenizer_view_size=tokenizer.input_size if tokenizer is not None else None,
             random_resized_crop=d.random_resized_crop, checkpoint=state,
+            prefetch_queue_depth=d.prefetch_queue_depth,
         )
 
     flops = pretrain_forward_flops(cfg.model, cfg.objective.name, model.num_predicted, cfg.tokenizer.vocab_size)

@@ -163,8 +163,8 @@ def sample_plan(
     return sample_permutation_plan(kind, batch_size, n, num_predicted, device=device, generator=generator)
 
 
-def attention_mask(plan: Plan) -> torch.Tensor:
-    """Two-stream attention mask for mapet/pet (METHOD.md section 2), True = may attend.
+def attention_ranks(plan: Plan) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The two-stream mask of METHOD.md section 2 as one threshold per row and one rank per key.
 
     Query rows are [content stream; query stream], keys are the content stream:
       mapet: content = [CLS, x_1..x_N, a_P] (1+N+m), rows = content + m query rows
@@ -176,7 +176,9 @@ def attention_mask(plan: Plan) -> torch.Tensor:
       predicted content row r:       T = rank(r)    (itself and earlier; later a_q)
       query row p:                   T = rank(p)-1  (strictly earlier x; a_q from p on)
 
-    Returns bool [B, 1, L_rows, L_keys], broadcast over heads.
+    Returns (t int64 [B, L_rows], key_rank int64 [B, L_keys], num_x): keys at index
+    >= num_x are the a_q tokens (num_x = 1+N; = L_keys for pet, which has none). Row i
+    may attend to key j iff (key_rank[j] <= t[i]) xor (j >= num_x).
     """
     if plan.rank is None:
         raise ValueError("attention_mask needs a permutation plan (mapet or pet), got mim")
@@ -192,15 +194,21 @@ def attention_mask(plan: Plan) -> torch.Tensor:
         t_aux = torch.full_like(rank_p, n_ctx)
         t = torch.cat([t_content, t_aux, t_query], dim=1)  # [B, 1+N+2m]
         keys = torch.cat([rank_x, rank_p], dim=1)  # [B, 1+N+m]
-        is_aux = torch.zeros(1 + n + m, dtype=torch.bool, device=rank.device)
-        is_aux[1 + n:] = True
     elif plan.kind == "pet":
         t = torch.cat([t_content, t_query], dim=1)  # [B, 1+N+m]
         keys = rank_x
-        is_aux = torch.zeros(1 + n, dtype=torch.bool, device=rank.device)
     else:
         raise ValueError(f"unknown permutation objective {plan.kind!r}")
-    t = t.unsqueeze(2)
-    keys = keys.unsqueeze(1)
-    allowed = torch.where(is_aux.view(1, 1, -1), keys > t, keys <= t)
+    return t, keys, 1 + n
+
+
+def attention_mask(plan: Plan) -> torch.Tensor:
+    """Two-stream attention mask for mapet/pet (METHOD.md section 2), True = may attend.
+
+    The dense form of ``attention_ranks`` (see there for the rules).
+    Returns bool [B, 1, L_rows, L_keys], broadcast over heads.
+    """
+    t, keys, num_x = attention_ranks(plan)
+    is_aux = torch.arange(keys.shape[1], device=keys.device) >= num_x
+    allowed = (keys.unsqueeze(1) <= t.unsqueeze(2)) ^ is_aux.view(1, 1, -1)
     return allowed.unsqueeze(1)

@@ -14,6 +14,7 @@ for mapet/pet, the [MASK] embedding for mim).
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -24,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mapet_ds.config import ModelConfig, ObjectiveConfig
 from mapet_ds.models.objectives import Plan, attention_mask, sample_plan
-from mapet_ds.models.two_stream import two_stream_block
+from mapet_ds.models.two_stream import TwoStreamMask, build_block_mask, flex_trains_on, two_stream_block
 from mapet_ds.models.vit import build_backbone
 
 
@@ -40,6 +41,10 @@ class PretrainModel(nn.Module):
         self.backbone = build_backbone(model_cfg)
         self.backbone.set_grad_checkpointing(False)  # we checkpoint our own block loop
         self.grad_checkpointing = model_cfg.grad_checkpointing
+        # regional compilation: one graph for the block function, reused by every block
+        # (dynamo treats the block's parameters as inputs), so compile time does not grow
+        # with depth and the DeepSpeed engine still sees a plain nn.Module
+        self._apply_block = torch.compile(_apply_block, dynamic=False) if model_cfg.compile else _apply_block
         d = model_cfg.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.lm_head = nn.Linear(d, vocab_size)
@@ -77,17 +82,21 @@ class PretrainModel(nn.Module):
         x = torch.cat([bb.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         return bb.pos_drop(x + bb.pos_embed)
 
-    def _run_blocks(self, z: torch.Tensor, num_keys: Optional[int], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _run_blocks(self, z: torch.Tensor, num_keys: Optional[int], mask: Optional[TwoStreamMask]) -> torch.Tensor:
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.backbone.blocks:
-            if num_keys is None:
-                fn, args = blk, (z,)
-            else:
-                fn, args = two_stream_block, (blk, z, num_keys, mask)
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                z = checkpoint(fn, *args, use_reentrant=False)
-            else:
-                z = fn(*args)
+            z = self._apply_block(blk, z, num_keys, mask, ckpt)
         return z
+
+    def two_stream_mask(self, plan: Plan) -> TwoStreamMask:
+        """The step's mask, shared by all layers: dense bool [B,1,L,K] (sdpa) or a BlockMask (flex)."""
+        if self.model_cfg.attention == "sdpa":
+            return attention_mask(plan)
+        dense = torch.is_grad_enabled() and not flex_trains_on(plan.predicted.device)
+        if dense:
+            warnings.warn("model.attention=flex: torch has no FlexAttention backward on the CPU; this step "
+                          "evaluates the same mask_mod densely with sdpa", stacklevel=2)
+        return build_block_mask(plan, dense=dense)
 
     def forward_features(self, images: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Final-normed features at the predicted positions: [B, m, D]."""
@@ -109,7 +118,7 @@ class PretrainModel(nn.Module):
         else:
             raise ValueError(f"unknown objective {plan.kind!r}")
         num_keys = z.shape[1] - m
-        z = self._run_blocks(z, num_keys, attention_mask(plan))
+        z = self._run_blocks(z, num_keys, self.two_stream_mask(plan))
         return self.backbone.norm(z[:, num_keys:])
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, plan: Plan) -> dict[str, torch.Tensor]:
@@ -126,3 +135,16 @@ class PretrainModel(nn.Module):
         with torch.no_grad():
             hits = logits.argmax(-1) == targets
         return {"loss": loss, "acc": hits.float().mean(), "logits": logits, "targets": targets, "hits": hits}
+
+
+def _block(blk: nn.Module, z: torch.Tensor, num_keys: Optional[int], mask: Optional[TwoStreamMask]) -> torch.Tensor:
+    """One timm block: single stream (mim, ``num_keys`` None) or both streams. z: [B, L, D]."""
+    return blk(z) if num_keys is None else two_stream_block(blk, z, num_keys, mask)
+
+
+def _apply_block(blk: nn.Module, z: torch.Tensor, num_keys: Optional[int], mask: Optional[TwoStreamMask],
+                 ckpt: bool) -> torch.Tensor:
+    # checkpoint inside the compiled function: dynamo traces it as one recompute region
+    if ckpt:
+        return checkpoint(_block, blk, z, num_keys, mask, use_reentrant=False)
+    return _block(blk, z, num_keys, mask)

@@ -38,7 +38,7 @@ def pretrain_outputs(with_tok_view: bool) -> tuple[str, ...]:
 
 
 def _build(graph: Callable[[], tuple], *, batch_size: int, num_threads: int, mode: str, seed: int,
-           checkpoint: bytes | None, checkpointing: bool, conditionals: bool = False):
+           checkpoint: bytes | None, checkpointing: bool, conditionals: bool = False, prefetch_queue_depth: int = 2):
     """Trace ``graph`` (a function returning the pipeline outputs) into a built Pipeline."""
     from nvidia.dali import pipeline_def
 
@@ -52,6 +52,7 @@ def _build(graph: Callable[[], tuple], *, batch_size: int, num_threads: int, mod
             # Training pipelines track reader position + RNG states so a run can resume exactly.
             enable_checkpointing=checkpointing,
             checkpoint=checkpoint,
+            prefetch_queue_depth=prefetch_queue_depth,
             **C.pipeline_device_kwargs(mode),
         )
         pipe.build()
@@ -88,7 +89,8 @@ def build_tokenizer_view(fl: FileList, *, size: int, batch_size: int, shard_id: 
 
 def build_pretrain(fl: FileList, *, img_size: int, batch_size: int, shard_id: int, num_shards: int, seed: int,
                    num_threads: int, mode: str, color_jitter: float, mean: Sequence[float], std: Sequence[float],
-                   tokenizer_view_size: int | None, random_resized_crop: bool, checkpoint: bytes | None):
+                   tokenizer_view_size: int | None, random_resized_crop: bool, checkpoint: bytes | None,
+                   prefetch_queue_depth: int = 2):
     """Pre-training views. -> images float32 [B,3,S,S] normalised, ids [B], tok uint8 [B,3,T,T].
 
     Default (offline tokens): the tokenizer's centre square crop + colour jitter, no flip.
@@ -123,13 +125,15 @@ def build_pretrain(fl: FileList, *, img_size: int, batch_size: int, shard_id: in
         return tuple(outs)
 
     return _build(graph, batch_size=batch_size, num_threads=num_threads, mode=mode,
-                  seed=C.rank_seed(seed, shard_id, salt=1), checkpoint=checkpoint, checkpointing=True)
+                  seed=C.rank_seed(seed, shard_id, salt=1), checkpoint=checkpoint, checkpointing=True,
+                  prefetch_queue_depth=prefetch_queue_depth)
 
 
 def build_finetune_train(fl: FileList, *, img_size: int, batch_size: int, shard_id: int, num_shards: int,
                          seed: int, num_threads: int, mode: str, scale: Sequence[float], ratio: Sequence[float],
                          hflip: float, rand_augment: RandAugmentSpec | None, mean: Sequence[float],
-                         std: Sequence[float], checkpoint: bytes | None, interpolation: str = "bicubic"):
+                         std: Sequence[float], checkpoint: bytes | None, interpolation: str = "bicubic",
+                         prefetch_queue_depth: int = 2):
     """RRC (resized with ``interpolation``, timm's RandomResizedCropAndInterpolation) + flip +
     RandAugment + normalise. -> images float32 [B,3,S,S], ids [B]."""
     from nvidia.dali import fn, types
@@ -149,7 +153,7 @@ def build_finetune_train(fl: FileList, *, img_size: int, batch_size: int, shard_
 
     return _build(graph, batch_size=batch_size, num_threads=num_threads, mode=mode,
                   seed=C.rank_seed(seed, shard_id, salt=2), checkpoint=checkpoint, checkpointing=True,
-                  conditionals=rand_augment is not None)
+                  conditionals=rand_augment is not None, prefetch_queue_depth=prefetch_queue_depth)
 
 
 def build_eval(fl: FileList, *, img_size: int, batch_size: int, shard_id: int, num_shards: int, num_threads: int,

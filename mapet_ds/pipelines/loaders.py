@@ -273,13 +273,15 @@ def pretrain_loader(filelist: str | os.PathLike | FileList, *, img_size: int, ba
                     num_shards: int, seed: int, num_threads: int = 2, device: str = "auto",
                     color_jitter: float = 0.4, mean: Sequence[float] = C.IMAGENET_DEFAULT_MEAN,
                     std: Sequence[float] = C.IMAGENET_DEFAULT_STD, tokenizer_view_size: int | None = None,
-                    random_resized_crop: bool = False, checkpoint: str | bytes | None = None) -> TrainLoader:
+                    random_resized_crop: bool = False, checkpoint: str | bytes | None = None,
+                    prefetch_queue_depth: int = 2) -> TrainLoader:
     """Pre-training batches, forever. Each: {"images": float32 [B,3,S,S] normalised,
     "sample_ids": int64 [B] (CPU), "tok_images": uint8 [B,3,T,T] if tokenizer_view_size}.
 
     Default view: the tokenizer's centre square crop + colour jitter (brightness,
     contrast, saturation ``color_jitter``), no flip. ``random_resized_crop``: RRC +
     flip, identical for both views. ``tok_images`` carry the same jitter as ``images``.
+    ``prefetch_queue_depth``: batches DALI prepares ahead (not part of the resume state).
     """
     fl, mode = _prepare(filelist, batch_size, shard_id, num_shards, device)
     if color_jitter < 0:
@@ -291,7 +293,8 @@ def pretrain_loader(filelist: str | os.PathLike | FileList, *, img_size: int, ba
         signature={"seed": seed, **kw}, outputs=G.pretrain_outputs(bool(tokenizer_view_size)), with_labels=False,
         checkpoint=checkpoint,
         build=lambda ck: G.build_pretrain(fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-                                          seed=seed, num_threads=num_threads, mode=mode, checkpoint=ck, **kw))
+                                          seed=seed, num_threads=num_threads, mode=mode, checkpoint=ck,
+                                          prefetch_queue_depth=prefetch_queue_depth, **kw))
 
 
 def finetune_train_loader(filelist: str | os.PathLike | FileList, *, img_size: int, batch_size: int, shard_id: int,
@@ -300,7 +303,8 @@ def finetune_train_loader(filelist: str | os.PathLike | FileList, *, img_size: i
                           hflip: float = 0.5, rand_augment: str | None = "rand-m9-mstd0.5",
                           mean: Sequence[float] = C.IMAGENET_DEFAULT_MEAN,
                           std: Sequence[float] = C.IMAGENET_DEFAULT_STD,
-                          checkpoint: str | bytes | None = None, interpolation: str = "bicubic") -> TrainLoader:
+                          checkpoint: str | bytes | None = None, interpolation: str = "bicubic",
+                          prefetch_queue_depth: int = 2) -> TrainLoader:
     """Fine-tuning batches, forever. Each: {"images": float32 [B,3,S,S] normalised,
     "labels": int64 [B] class index, "sample_ids": int64 [B] (CPU)}.
 
@@ -320,7 +324,7 @@ def finetune_train_loader(filelist: str | os.PathLike | FileList, *, img_size: i
         checkpoint=checkpoint,
         build=lambda ck: G.build_finetune_train(fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
                                                 seed=seed, num_threads=num_threads, mode=mode, rand_augment=ra,
-                                                checkpoint=ck, **kw))
+                                                checkpoint=ck, prefetch_queue_depth=prefetch_queue_depth, **kw))
 
 
 def eval_loader(filelist: str | os.PathLike | FileList, *, img_size: int, batch_size: int, shard_id: int,
