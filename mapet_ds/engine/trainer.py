@@ -10,7 +10,9 @@ Per optimizer step: set lr/wd -> ``grad_accum`` x (next batch, forward, backward
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch
 
 from mapet_ds.config import ConfigError, RunConfig, TrainConfig, config_to_dict, save_config
 from mapet_ds.engine import checkpoint as ckpt
+from mapet_ds.engine import elastic
 from mapet_ds.engine.dist import DistInfo, all_reduce_mean, barrier
 from mapet_ds.engine.ds_config import load_ds_json, resolve_ds_config, write_json
 from mapet_ds.engine.metrics import MetricLogger, Throughput, detect_peak_tflops, format_eta, max_memory_gib
@@ -74,7 +77,14 @@ class Trainer:
         self.flops_per_image = flops_per_image
         self.client_state_fn = client_state_fn
 
-        ds = resolve_ds_config(load_ds_json(ds_config_path), self.train, cfg.optim, dist.world_size, dist.device,
+        # A checkpoint from another world size or ZeRO stage resumes elastically (engine/elastic.py)
+        tag_dir = self._resume_target()
+        ds_json = load_ds_json(ds_config_path)
+        stage_now = int((ds_json.get("zero_optimization") or {}).get("stage", 0))
+        saved = elastic.saved_layout(tag_dir) if tag_dir is not None else None
+        self.elastic = saved is not None and (saved["world_size"], saved["zero_stage"]) != (dist.world_size, stage_now)
+        batch_cfg = elastic.rebatch(self.train, dist.world_size, saved, section) if self.elastic else self.train
+        ds = resolve_ds_config(ds_json, batch_cfg, cfg.optim, dist.world_size, dist.device,
                                src=str(ds_config_path), section=section)
         self.precision = "bf16" if ds["bf16"]["enabled"] else ("fp16" if ds["fp16"]["enabled"] else "fp32")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
@@ -95,6 +105,14 @@ class Trainer:
         if self._own_nonfinite_check:
             ds = {**ds, "gradient_clipping": 0.0}
         self.optimizer = build_optimizer(model, cfg.optim, layer_decay)
+        # fp32 ZeRO-0 -> ZeRO-0 needs no conversion (the whole state is in mp_rank_00 whatever the world size)
+        uni_mode = None
+        if self.elastic and elastic.needs_universal(tag_dir, stage_now, self.precision):
+            uni_mode = "deepspeed" if elastic.deepspeed_loads_universal(stage_now, self.precision) else "own"
+            if self.precision == "fp16" and uni_mode == "own":
+                raise ConfigError(f"{section}: an elastic resume into fp16 ZeRO-0 is not supported; use ZeRO-2")
+        if uni_mode == "deepspeed":
+            ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds)
         self.module = self.engine.module
 
@@ -106,20 +124,27 @@ class Trainer:
         loader_state, rng = None, None
         self.resumed_from: Optional[Path] = None
         self.resumed_client: Optional[dict] = None
-        tag_dir = self._resume_target()
+        self.resume_note: Optional[str] = None
         if tag_dir is not None:
-            client, rank_state = ckpt.load(self.engine, tag_dir, rank=dist.rank)
+            if self.elastic:
+                client, loader_state, how = self._load_elastic(tag_dir, saved, uni_mode)
+            else:
+                client, rank_state = ckpt.load(self.engine, tag_dir, rank=dist.rank)
+                loader_state, rng = rank_state["loader"], rank_state["rng"]
             self.resumed_client = client
             self.state.step = int(client["step"])
             self.state.samples_seen = int(client["samples_seen"])
             self.state.skipped_steps = int(client.get("skipped_steps", 0))
             self.state.extra = dict(client.get("extra", {}))
-            loader_state, rng = rank_state["loader"], rank_state["rng"]
+            if self.elastic:
+                elastic.reseed(self.train.seed, dist.rank, self.state.step, self.plan_generator)
             self.resumed_from = tag_dir
         self.loader = build_loader(self.micro_batch, loader_state)
         if rng is not None:
             ckpt.set_rng_state(rng, self.plan_generator)
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch // self.grad_accum)
+        if self.elastic and "steps_per_epoch" in client:
+            self.steps_per_epoch = int(client["steps_per_epoch"])  # the schedule continues by optimizer step
         if self.train.max_steps is not None:
             self.total_steps = self.train.max_steps
         else:
@@ -128,12 +153,44 @@ class Trainer:
         self.logger = MetricLogger(self.run_dir, dist.is_main, resume_step=self.state.step)
         self.peak_tflops = detect_peak_tflops(dist.device, self.train.peak_tflops)
         self._ds_skipped_base = self.engine.skipped_steps
+        if self.elastic:
+            self.resume_note = elastic.summary(self.state.step, dist.world_size, saved,
+                                               self.engine.zero_optimization_stage(), how, self.loader)
+            if dist.is_main:
+                print(f"[{section}] {self.resume_note}", flush=True)
+                self.logger.text("resume", self.resume_note, self.state.samples_seen)
+        debug = os.environ.get("MAPET_DEBUG_RESUME_STATE")
+        if debug and tag_dir is not None:
+            lr, _ = self.schedule.apply(self.state.step, self.engine.optimizer.param_groups)
+            elastic.dump_state(self.engine, debug, self.state.step, lr, dist.rank)
+        self._sample_log = None
+        if os.environ.get("MAPET_DEBUG_SAMPLES"):  # tests: which sample ids each rank trained on
+            self._sample_log = open(f"{os.environ['MAPET_DEBUG_SAMPLES']}.rank{dist.rank}", "a", encoding="utf-8")
         if dist.is_main:
             how = f"resumed from {tag_dir}" if tag_dir else "from scratch"
             print(f"[{section}] {how}: step {self.state.step}/{self.total_steps}, "
                   f"{self.steps_per_epoch} steps/epoch, micro batch {self.micro_batch} x accum "
                   f"{self.grad_accum} x {dist.world_size} rank(s), {self.precision}, ZeRO "
                   f"{self.engine.zero_optimization_stage()}, run dir {self.run_dir}", flush=True)
+
+    def _load_elastic(self, tag_dir: Path, saved: dict, uni_mode: Optional[str]) -> tuple[dict, Optional[str], str]:
+        """Another world size or ZeRO stage: (client state, merged loader state, how it was loaded)."""
+        if uni_mode is None:  # fp32 ZeRO-0 both sides: DeepSpeed's own load is world-size free
+            _, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+            how = "ZeRO-0 checkpoint"
+        else:
+            uni = elastic.universal_dir(tag_dir, self.dist.rank)
+            if uni_mode == "deepspeed":
+                _, client = self.engine.load_checkpoint(str(tag_dir), tag=uni.name, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=False)
+            else:
+                _, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                        load_optimizer_states=False, load_lr_scheduler_states=False,
+                                                        load_module_only=True)
+                elastic.load_universal_into_plain(self.engine, uni)
+            how = "universal checkpoint"
+        return client or {}, elastic.merged_loader_state(tag_dir, saved["world_size"]), how
 
     # ----------------------------------------------------------------------------------
     def _resume_target(self) -> Optional[Path]:
@@ -157,7 +214,9 @@ class Trainer:
     def save(self) -> Path:
         client = {"step": self.state.step, "samples_seen": self.state.samples_seen,
                   "skipped_steps": self.state.skipped_steps, "extra": self.state.extra,
-                  "config": config_to_dict(self.cfg), "section": self.section}
+                  "config": config_to_dict(self.cfg), "section": self.section,
+                  "world_size": self.dist.world_size, "zero_stage": int(self.engine.zero_optimization_stage()),
+                  "steps_per_epoch": self.steps_per_epoch}
         if self.client_state_fn is not None:
             client.update(self.client_state_fn())
         rank_state = {"loader": self.loader.state(), "rng": ckpt.rng_state(self.plan_generator)}
@@ -180,8 +239,13 @@ class Trainer:
             sums: dict[str, torch.Tensor] = {}
             for i in range(self.grad_accum):
                 t0 = time.perf_counter()
+                epoch_of_batch = getattr(self.loader, "epoch", 0)
                 batch = next(self.loader)
                 wait = time.perf_counter() - t0
+                if self._sample_log is not None:
+                    self._sample_log.write(json.dumps({"step": st.step + 1, "epoch": epoch_of_batch,
+                                                       "ids": batch["sample_ids"].tolist()}) + "\n")
+                    self._sample_log.flush()
                 out = self.micro_step(self.engine, batch)
                 self.engine.backward(out["loss"])
                 if self._own_nonfinite_check and i == self.grad_accum - 1:
