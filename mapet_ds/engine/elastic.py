@@ -220,6 +220,9 @@ def dump_state(engine, path: str, step: int, lr: float, rank: int) -> None:
             st = opt.state[p]
             full = {"fp32": p.detach().float(), "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
         out["params"][name] = {k: v.detach().cpu().clone() for k, v in full.items()}
+    inner = getattr(opt, "optimizer", opt)  # ZeRO: the torch AdamW over the flat partitions
+    steps = {float(st["step"]) for st in inner.state.values() if "step" in st}
+    out["adam_step"] = steps.pop() if len(steps) == 1 else sorted(steps)
     if rank == 0:
         tmp = path + ".tmp"
         torch.save(out, tmp)
