@@ -45,6 +45,19 @@ def _universal_state(tag: Path) -> dict:
             for n in names}
 
 
+def _moments_from_shards(tag: Path) -> dict:
+    """AdamW moments straight from the old ranks' ZeRO-2 partitions (independent of the conversion)."""
+    frags: dict = {}
+    for f in sorted(tag.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=lambda p: int(p.name.split("_")[3])):
+        osd = torch.load(f, weights_only=False)["optimizer_state_dict"]
+        for g, mapping in enumerate(osd["param_slice_mappings"]):
+            flat = osd["base_optimizer_state"]["state"][g]
+            for name, frag in mapping.items():
+                for k in ("exp_avg", "exp_avg_sq"):
+                    frags.setdefault(name, {}).setdefault(k, []).append(flat[k].narrow(0, frag.start, frag.numel))
+    return {n: {k: torch.cat(v) for k, v in d.items()} for n, d in frags.items()}
+
+
 def _assert_state_equal(dump: dict, ref: dict) -> None:
     assert set(dump["params"]) == set(ref)
     for name, d in dump["params"].items():
@@ -142,6 +155,9 @@ def _check_resumed_run(ws: Path, run: str, dump: Path, ids_prefix: Path, ref_tag
     _assert_state_equal(state, _universal_state(ref_tag))
     fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ref_tag.parent), tag=ref_tag.name)
     assert all(torch.equal(fp32[n], d["fp32"]) for n, d in state["params"].items())
+    shards = _moments_from_shards(ref_tag)
+    assert all(torch.equal(shards[n][k], d[k].flatten()) for n, d in state["params"].items()
+               for k in ("exp_avg", "exp_avg_sq"))
     # the interrupted epoch: 48 ids before the kill's checkpoint, the unseen rest after it, none twice
     before = _ids(ws / "ids_el2", max_step=4)[0]
     after = _ids(ids_prefix)
@@ -161,7 +177,6 @@ def _check_resumed_run(ws: Path, run: str, dump: Path, ids_prefix: Path, ref_tag
 
 def test_two_ranks_killed_resume_on_one_and_three_ranks(killed_two_ranks):
     ws = killed_two_ranks
-    ref = ws / "runs/el2/checkpoints/step00000004"
     for n in (1, 3):
         shutil.copytree(ws / "runs/el2", ws / f"runs/el2_{n}")
     # a conversion killed midway leaves universal.tmp: it is discarded and redone
@@ -185,8 +200,8 @@ def test_two_ranks_killed_resume_on_one_and_three_ranks(killed_two_ranks):
     assert ("resumed from step 4 on 3 ranks (was 2): universal checkpoint, epoch 0 continues with 112 unseen "
             "samples (4 left over") in three.stdout
     assert "micro batch 4 x accum 1 x 3 rank(s)" in three.stdout
-    _check_resumed_run(ws, "runs/el2_3", ws / "dump_3.pt", ws / "ids_3", ref.parent.parent.parent / "el2_3" /
-                       "checkpoints/step00000004", 3)
+    _check_resumed_run(ws, "runs/el2_3", ws / "dump_3.pt", ws / "ids_3", ws / "runs/el2_3/checkpoints/step00000004",
+                       3)
 
     # a second resume reuses the converted folder (its marker is not rewritten)
     from mapet_ds.engine import elastic
@@ -200,7 +215,7 @@ def test_two_ranks_killed_resume_on_one_and_three_ranks(killed_two_ranks):
 def test_zero2_to_zero0_and_back(killed_two_ranks):
     ws = killed_two_ranks
     shutil.copytree(ws / "runs/el2", ws / "runs/z0")
-    opts = [*OPTS[:-1], "pretrain.keep_last=9", "pretrain.output_dir=runs/z0"]
+    opts = [*OPTS, "pretrain.output_dir=runs/z0"]  # max_steps below overrides the one in OPTS
     # 2 ranks ZeRO-2 -> 1 rank ZeRO-0: the universal folder read into the plain AdamW (DeepSpeed cannot)
     z0 = run_py([PRETRAIN, "--ds_config", ZERO0, "--config", "pretrain.yaml", *opts, "pretrain.max_steps=8"],
                 cwd=ws, env={"MAPET_DEBUG_RESUME_STATE": str(ws / "dump_z0.pt")})
@@ -249,3 +264,19 @@ def test_finetune_two_ranks_resumed_on_one(demo_workspace):
     before, after = _ids(ws / "ids_ft2", max_step=3)[0], _ids(ws / "ids_ft1")[0]
     assert len(before) == 48 and len(after) == 48 and not set(before) & set(after)
     assert json.loads((ws / "runs/ft_el/summary.json").read_text())["top1"] >= 0.0
+
+
+def test_rebatch_keeps_the_global_batch_or_refuses_in_one_line():
+    from mapet_ds.config import ConfigError, TrainConfig
+    from mapet_ds.engine.elastic import rebatch
+
+    saved = {"world_size": 8, "zero_stage": 2, "micro_batch": 32}
+    t = TrainConfig(global_batch_size=256)
+    assert (lambda c: (c.micro_batch_size, c.grad_accum))(rebatch(t, 4, saved, "pretrain")) == (32, 2)
+    assert (lambda c: (c.micro_batch_size, c.grad_accum))(rebatch(t, 16, saved, "pretrain")) == (16, 1)
+    t = TrainConfig(global_batch_size=96, micro_batch_size=10)
+    assert (lambda c: (c.micro_batch_size, c.grad_accum))(rebatch(t, 4, saved, "pretrain")) == (8, 3)
+    with pytest.raises(ConfigError) as err:
+        rebatch(TrainConfig(global_batch_size=16), 3, {"world_size": 2}, "pretrain")
+    assert str(err.value) == ("pretrain.global_batch_size=16 cannot be split over 3 ranks (the checkpoint was "
+                              "written on 2): resume on a world size that divides 16")

@@ -47,8 +47,9 @@ def saved_layout(tag_dir: Path) -> dict:
     marker = json.loads((tag_dir / ckpt.MARKER).read_text(encoding="utf-8"))
     world = int(marker.get("world_size", 1))
     stage = marker.get("zero_stage")
-    if stage is None:  # checkpoints from before the stage was recorded: ZeRO >= 1 writes optimizer shards
-        stage = 2 if glob.glob(str(tag_dir / "*zero_pp_rank_*_optim_states.pt")) else 0
+    if stage is None:  # written before the stage was recorded: DeepSpeed keeps its config in the model states
+        sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+        stage = (sd.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
     return {"world_size": world, "zero_stage": int(stage), "micro_batch": marker.get("micro_batch")}
 
 

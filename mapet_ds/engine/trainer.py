@@ -346,5 +346,7 @@ class Trainer:
         return {**means, "images_per_sec": ips_global, "grad_norm": grad_norm, "lr": lr, "mfu": mfu}
 
     def close(self) -> None:
+        if self._sample_log is not None:
+            self._sample_log.close()
         self.logger.close()
         barrier()
