@@ -79,6 +79,62 @@ def deepspeed_loads_universal(zero_stage: int, precision: str) -> bool:
     return zero_stage >= 1 or precision == "bf16"
 
 
+class ElasticResume:
+    """One elastic resume: detected before the engine is built, loaded right after it."""
+
+    def __init__(self, tag_dir: Path, saved: dict, world_size: int, zero_stage: int, train: TrainConfig,
+                 section: str):
+        self.tag_dir, self.saved, self.world_size, self.zero_stage = tag_dir, saved, world_size, zero_stage
+        self.section = section
+        self.train = rebatch(train, world_size, saved, section)  # the config the DeepSpeed batch comes from
+        self.mode: Optional[str] = None  # None: DeepSpeed's own load; "deepspeed" / "own": universal folder
+        self.how = ""
+
+    @classmethod
+    def detect(cls, tag_dir: Optional[Path], ds_json: dict, train: TrainConfig, world_size: int,
+               section: str) -> Optional["ElasticResume"]:
+        """An ElasticResume when ``tag_dir`` was written on another world size or ZeRO stage, else None."""
+        if tag_dir is None:
+            return None
+        saved = saved_layout(tag_dir)
+        stage = int((ds_json.get("zero_optimization") or {}).get("stage", 0))
+        if (saved["world_size"], saved["zero_stage"]) == (world_size, stage):
+            return None
+        return cls(tag_dir, saved, world_size, stage, train, section)
+
+    def engine_config(self, ds: dict, precision: str) -> dict:
+        """The resolved DeepSpeed config, with ``load_universal`` where DeepSpeed does the loading."""
+        if needs_universal(self.tag_dir, self.zero_stage, precision):
+            self.mode = "deepspeed" if deepspeed_loads_universal(self.zero_stage, precision) else "own"
+            if precision == "fp16" and self.mode == "own":
+                raise ConfigError(f"{self.section}: an elastic resume into fp16 ZeRO-0 is not supported; use ZeRO-2")
+        if self.mode == "deepspeed":
+            ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
+        return ds
+
+    def load(self, engine, rank: int) -> tuple[dict, Optional[str]]:
+        """Weights + optimizer into ``engine``; returns (client state, merged loader state)."""
+        tag = self.tag_dir
+        if self.mode is None:  # fp32 ZeRO-0 both sides: DeepSpeed's own load is world-size free
+            _, client = engine.load_checkpoint(str(tag.parent), tag=tag.name, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+            self.how = "ZeRO-0 checkpoint"
+        else:
+            uni = universal_dir(tag, rank)
+            if self.mode == "deepspeed":
+                _, client = engine.load_checkpoint(str(tag), tag=uni.name, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+            else:  # module + client state from the checkpoint, fp32 weights and moments from the universal folder
+                _, client = engine.load_checkpoint(str(tag.parent), tag=tag.name, load_optimizer_states=False,
+                                                   load_lr_scheduler_states=False, load_module_only=True)
+                load_universal_into_plain(engine, uni)
+            self.how = "universal checkpoint"
+        return client or {}, merged_loader_state(tag, self.saved["world_size"])
+
+    def summary(self, step: int, loader) -> str:
+        return summary(step, self.world_size, self.saved, self.zero_stage, self.how, loader)
+
+
 # -- conversion ---------------------------------------------------------------------------
 def universal_dir(tag_dir: Path, rank: int) -> Path:
     """``<tag>/universal``, converted once by rank 0 (collective: every rank calls it)."""

@@ -80,12 +80,9 @@ class Trainer:
         # A checkpoint from another world size or ZeRO stage resumes elastically (engine/elastic.py)
         tag_dir = self._resume_target()
         ds_json = load_ds_json(ds_config_path)
-        stage_now = int((ds_json.get("zero_optimization") or {}).get("stage", 0))
-        saved = elastic.saved_layout(tag_dir) if tag_dir is not None else None
-        self.elastic = saved is not None and (saved["world_size"], saved["zero_stage"]) != (dist.world_size, stage_now)
-        batch_cfg = elastic.rebatch(self.train, dist.world_size, saved, section) if self.elastic else self.train
-        ds = resolve_ds_config(ds_json, batch_cfg, cfg.optim, dist.world_size, dist.device,
-                               src=str(ds_config_path), section=section)
+        self.elastic = elastic.ElasticResume.detect(tag_dir, ds_json, self.train, dist.world_size, section)
+        ds = resolve_ds_config(ds_json, self.elastic.train if self.elastic else self.train, cfg.optim,
+                               dist.world_size, dist.device, src=str(ds_config_path), section=section)
         self.precision = "bf16" if ds["bf16"]["enabled"] else ("fp16" if ds["fp16"]["enabled"] else "fp32")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
         self.micro_batch = ds["train_micro_batch_size_per_gpu"]
@@ -105,14 +102,8 @@ class Trainer:
         if self._own_nonfinite_check:
             ds = {**ds, "gradient_clipping": 0.0}
         self.optimizer = build_optimizer(model, cfg.optim, layer_decay)
-        # fp32 ZeRO-0 -> ZeRO-0 needs no conversion (the whole state is in mp_rank_00 whatever the world size)
-        uni_mode = None
-        if self.elastic and elastic.needs_universal(tag_dir, stage_now, self.precision):
-            uni_mode = "deepspeed" if elastic.deepspeed_loads_universal(stage_now, self.precision) else "own"
-            if self.precision == "fp16" and uni_mode == "own":
-                raise ConfigError(f"{section}: an elastic resume into fp16 ZeRO-0 is not supported; use ZeRO-2")
-        if uni_mode == "deepspeed":
-            ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
+        if self.elastic:
+            ds = self.elastic.engine_config(ds, self.precision)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds)
         self.module = self.engine.module
 
@@ -124,10 +115,9 @@ class Trainer:
         loader_state, rng = None, None
         self.resumed_from: Optional[Path] = None
         self.resumed_client: Optional[dict] = None
-        self.resume_note: Optional[str] = None
         if tag_dir is not None:
             if self.elastic:
-                client, loader_state, how = self._load_elastic(tag_dir, saved, uni_mode)
+                client, loader_state = self.elastic.load(self.engine, dist.rank)
             else:
                 client, rank_state = ckpt.load(self.engine, tag_dir, rank=dist.rank)
                 loader_state, rng = rank_state["loader"], rank_state["rng"]
@@ -153,12 +143,10 @@ class Trainer:
         self.logger = MetricLogger(self.run_dir, dist.is_main, resume_step=self.state.step)
         self.peak_tflops = detect_peak_tflops(dist.device, self.train.peak_tflops)
         self._ds_skipped_base = self.engine.skipped_steps
-        if self.elastic:
-            self.resume_note = elastic.summary(self.state.step, dist.world_size, saved,
-                                               self.engine.zero_optimization_stage(), how, self.loader)
-            if dist.is_main:
-                print(f"[{section}] {self.resume_note}", flush=True)
-                self.logger.text("resume", self.resume_note, self.state.samples_seen)
+        if self.elastic and dist.is_main:
+            note = self.elastic.summary(self.state.step, self.loader)
+            print(f"[{section}] {note}", flush=True)
+            self.logger.text("resume", note, self.state.samples_seen)
         debug = os.environ.get("MAPET_DEBUG_RESUME_STATE")
         if debug and tag_dir is not None:
             lr, _ = self.schedule.apply(self.state.step, self.engine.optimizer.param_groups)
@@ -172,25 +160,6 @@ class Trainer:
                   f"{self.steps_per_epoch} steps/epoch, micro batch {self.micro_batch} x accum "
                   f"{self.grad_accum} x {dist.world_size} rank(s), {self.precision}, ZeRO "
                   f"{self.engine.zero_optimization_stage()}, run dir {self.run_dir}", flush=True)
-
-    def _load_elastic(self, tag_dir: Path, saved: dict, uni_mode: Optional[str]) -> tuple[dict, Optional[str], str]:
-        """Another world size or ZeRO stage: (client state, merged loader state, how it was loaded)."""
-        if uni_mode is None:  # fp32 ZeRO-0 both sides: DeepSpeed's own load is world-size free
-            _, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
-            how = "ZeRO-0 checkpoint"
-        else:
-            uni = elastic.universal_dir(tag_dir, self.dist.rank)
-            if uni_mode == "deepspeed":
-                _, client = self.engine.load_checkpoint(str(tag_dir), tag=uni.name, load_optimizer_states=True,
-                                                        load_lr_scheduler_states=False)
-            else:
-                _, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                                        load_optimizer_states=False, load_lr_scheduler_states=False,
-                                                        load_module_only=True)
-                elastic.load_universal_into_plain(self.engine, uni)
-            how = "universal checkpoint"
-        return client or {}, elastic.merged_loader_state(tag_dir, saved["world_size"]), how
 
     # ----------------------------------------------------------------------------------
     def _resume_target(self) -> Optional[Path]:
