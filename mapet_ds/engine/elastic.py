@@ -115,6 +115,7 @@ class ElasticResume:
     def load(self, engine, rank: int) -> tuple[dict, Optional[str]]:
         """Weights + optimizer into ``engine``; returns (client state, merged loader state)."""
         tag = self.tag_dir
+        loader_state = merged_loader_state(tag, self.saved["world_size"])  # refuses old states before converting
         if self.mode is None:  # fp32 ZeRO-0 both sides: DeepSpeed's own load is world-size free
             _, client = engine.load_checkpoint(str(tag.parent), tag=tag.name, load_optimizer_states=True,
                                                load_lr_scheduler_states=False)
@@ -129,7 +130,7 @@ class ElasticResume:
                                                    load_lr_scheduler_states=False, load_module_only=True)
                 load_universal_into_plain(engine, uni)
             self.how = "universal checkpoint"
-        return client or {}, merged_loader_state(tag, self.saved["world_size"])
+        return client or {}, loader_state
 
     def summary(self, step: int, loader) -> str:
         return summary(step, self.world_size, self.saved, self.zero_stage, self.how, loader)
