@@ -108,7 +108,7 @@ class TrainLoader:
     # -- position -------------------------------------------------------------------
     @property
     def epoch(self) -> int:
-        """Epoch of the next batch (= batches returned so far // steps_per_epoch)."""
+        """Epoch of the next batch."""
         return self._epoch + (self._step >= self._epoch_len)
 
     @property
