@@ -2,7 +2,8 @@
 
 A task supplies the model, a loader factory and a micro-step function; the Trainer
 owns everything else: DeepSpeed config resolution, AdamW + schedules, the loop,
-logging, non-finite handling, checkpoints and exact auto-resume.
+logging, non-finite handling, checkpoints and exact auto-resume (elastic on another
+world size or ZeRO stage: engine/elastic.py).
 
 Per optimizer step: set lr/wd -> ``grad_accum`` x (next batch, forward, backward,
 ``engine.step``) -> DeepSpeed reduces, clips and steps at the accumulation boundary.
