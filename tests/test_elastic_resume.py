@@ -7,14 +7,17 @@ fp32 state bitwise, and the interrupted epoch must use every sample id once.
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO, run_py
-from test_finetune_engine import _deepspeed
+from test_finetune_engine import _port
 from test_pretrain_engine import _losses
 
 PRETRAIN = REPO / "launch/pretrain.py"
@@ -41,8 +44,8 @@ def _ids(prefix: Path, max_step=None) -> dict[int, list[int]]:
 def _universal_state(tag: Path) -> dict:
     z = tag / "universal" / "zero"
     names = [p.name for p in z.iterdir() if p.is_dir()]
-    return {n: {k: torch.load(z / n / f"{k}.pt", weights_only=False)["param"] for k in ("fp32", "exp_avg", "exp_avg_sq")}
-            for n in names}
+    keys = ("fp32", "exp_avg", "exp_avg_sq")
+    return {n: {k: torch.load(z / n / f"{k}.pt", weights_only=False)["param"] for k in keys} for n in names}
 
 
 def _moments_from_shards(tag: Path) -> dict:
@@ -75,13 +78,7 @@ def _expected_lr(ws: Path, step: int, total: int, steps_per_epoch: int) -> float
 
 
 def _launch(args, cwd, env=None, nproc=2):
-    """The real DeepSpeed launcher on ``nproc`` CPU ranks; returns the CompletedProcess."""
-    import os
-    import subprocess
-    import sys
-
-    from test_finetune_engine import _port
-
+    """The real DeepSpeed launcher on ``nproc`` CPU ranks; returns the CompletedProcess (any exit code)."""
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_port()),
            *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
