@@ -96,8 +96,11 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, ran
     fault_point("after_shards", step)
     barrier()
     if rank == 0:
+        # world size, ZeRO stage and micro batch: an elastic resume detects a change before DeepSpeed would
         marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+                  "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+                  "zero_stage": int(engine.zero_optimization_stage()),
+                  "micro_batch": int(engine.train_micro_batch_size_per_gpu())}
         tmp = tag_dir / (MARKER + ".tmp")
         tmp.write_text(json.dumps(marker), encoding="utf-8")
         os.replace(tmp, tag_dir / MARKER)

@@ -89,6 +89,10 @@ class MetricLogger:
         with open(self.jsonl, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in recs))
 
+    def text(self, tag: str, text: str, x: int) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, text, x)
+
     def image(self, tag: str, img_hwc, x: int) -> None:
         if self.enabled:
             self.tb.add_image(tag, img_hwc, x, dataformats="HWC")

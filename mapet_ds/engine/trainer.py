@@ -2,7 +2,8 @@
 
 A task supplies the model, a loader factory and a micro-step function; the Trainer
 owns everything else: DeepSpeed config resolution, AdamW + schedules, the loop,
-logging, non-finite handling, checkpoints and exact auto-resume.
+logging, non-finite handling, checkpoints and exact auto-resume (elastic on another
+world size or ZeRO stage: engine/elastic.py).
 
 Per optimizer step: set lr/wd -> ``grad_accum`` x (next batch, forward, backward,
 ``engine.step``) -> DeepSpeed reduces, clips and steps at the accumulation boundary.
@@ -10,7 +11,9 @@ Per optimizer step: set lr/wd -> ``grad_accum`` x (next batch, forward, backward
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,7 @@ import torch
 
 from mapet_ds.config import ConfigError, RunConfig, TrainConfig, config_to_dict, save_config
 from mapet_ds.engine import checkpoint as ckpt
+from mapet_ds.engine import elastic
 from mapet_ds.engine.dist import DistInfo, all_reduce_mean, barrier
 from mapet_ds.engine.ds_config import load_ds_json, resolve_ds_config, write_json
 from mapet_ds.engine.metrics import MetricLogger, Throughput, detect_peak_tflops, format_eta, max_memory_gib
@@ -74,8 +78,12 @@ class Trainer:
         self.flops_per_image = flops_per_image
         self.client_state_fn = client_state_fn
 
-        ds = resolve_ds_config(load_ds_json(ds_config_path), self.train, cfg.optim, dist.world_size, dist.device,
-                               src=str(ds_config_path), section=section)
+        # A checkpoint from another world size or ZeRO stage resumes elastically (engine/elastic.py)
+        tag_dir = self._resume_target()
+        ds_json = load_ds_json(ds_config_path)
+        self.elastic = elastic.ElasticResume.detect(tag_dir, ds_json, self.train, dist.world_size, section)
+        ds = resolve_ds_config(ds_json, self.elastic.train if self.elastic else self.train, cfg.optim,
+                               dist.world_size, dist.device, src=str(ds_config_path), section=section)
         self.precision = "bf16" if ds["bf16"]["enabled"] else ("fp16" if ds["fp16"]["enabled"] else "fp32")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
         self.micro_batch = ds["train_micro_batch_size_per_gpu"]
@@ -95,6 +103,8 @@ class Trainer:
         if self._own_nonfinite_check:
             ds = {**ds, "gradient_clipping": 0.0}
         self.optimizer = build_optimizer(model, cfg.optim, layer_decay)
+        if self.elastic:
+            ds = self.elastic.engine_config(ds, self.precision)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds)
         self.module = self.engine.module
 
@@ -106,20 +116,26 @@ class Trainer:
         loader_state, rng = None, None
         self.resumed_from: Optional[Path] = None
         self.resumed_client: Optional[dict] = None
-        tag_dir = self._resume_target()
         if tag_dir is not None:
-            client, rank_state = ckpt.load(self.engine, tag_dir, rank=dist.rank)
+            if self.elastic:
+                client, loader_state = self.elastic.load(self.engine, dist.rank)
+            else:
+                client, rank_state = ckpt.load(self.engine, tag_dir, rank=dist.rank)
+                loader_state, rng = rank_state["loader"], rank_state["rng"]
             self.resumed_client = client
             self.state.step = int(client["step"])
             self.state.samples_seen = int(client["samples_seen"])
             self.state.skipped_steps = int(client.get("skipped_steps", 0))
             self.state.extra = dict(client.get("extra", {}))
-            loader_state, rng = rank_state["loader"], rank_state["rng"]
+            if self.elastic:
+                elastic.reseed(self.train.seed, dist.rank, self.state.step, self.plan_generator)
             self.resumed_from = tag_dir
         self.loader = build_loader(self.micro_batch, loader_state)
         if rng is not None:
             ckpt.set_rng_state(rng, self.plan_generator)
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch // self.grad_accum)
+        if self.elastic and "steps_per_epoch" in client:
+            self.steps_per_epoch = int(client["steps_per_epoch"])  # the schedule continues by optimizer step
         if self.train.max_steps is not None:
             self.total_steps = self.train.max_steps
         else:
@@ -128,6 +144,17 @@ class Trainer:
         self.logger = MetricLogger(self.run_dir, dist.is_main, resume_step=self.state.step)
         self.peak_tflops = detect_peak_tflops(dist.device, self.train.peak_tflops)
         self._ds_skipped_base = self.engine.skipped_steps
+        if self.elastic and dist.is_main:
+            note = self.elastic.summary(self.state.step, self.loader)
+            print(f"[{section}] {note}", flush=True)
+            self.logger.text("resume", note, self.state.samples_seen)
+        debug = os.environ.get("MAPET_DEBUG_RESUME_STATE")
+        if debug and tag_dir is not None:
+            lr, _ = self.schedule.apply(self.state.step, self.engine.optimizer.param_groups)
+            elastic.dump_state(self.engine, debug, self.state.step, lr, dist.rank)
+        self._sample_log = None
+        if os.environ.get("MAPET_DEBUG_SAMPLES"):  # tests: which sample ids each rank trained on
+            self._sample_log = open(f"{os.environ['MAPET_DEBUG_SAMPLES']}.rank{dist.rank}", "a", encoding="utf-8")
         if dist.is_main:
             how = f"resumed from {tag_dir}" if tag_dir else "from scratch"
             print(f"[{section}] {how}: step {self.state.step}/{self.total_steps}, "
@@ -157,7 +184,9 @@ class Trainer:
     def save(self) -> Path:
         client = {"step": self.state.step, "samples_seen": self.state.samples_seen,
                   "skipped_steps": self.state.skipped_steps, "extra": self.state.extra,
-                  "config": config_to_dict(self.cfg), "section": self.section}
+                  "config": config_to_dict(self.cfg), "section": self.section,
+                  "world_size": self.dist.world_size, "zero_stage": int(self.engine.zero_optimization_stage()),
+                  "steps_per_epoch": self.steps_per_epoch}
         if self.client_state_fn is not None:
             client.update(self.client_state_fn())
         rank_state = {"loader": self.loader.state(), "rng": ckpt.rng_state(self.plan_generator)}
@@ -180,8 +209,13 @@ class Trainer:
             sums: dict[str, torch.Tensor] = {}
             for i in range(self.grad_accum):
                 t0 = time.perf_counter()
+                epoch_of_batch = getattr(self.loader, "epoch", 0)
                 batch = next(self.loader)
                 wait = time.perf_counter() - t0
+                if self._sample_log is not None:
+                    self._sample_log.write(json.dumps({"step": st.step + 1, "epoch": epoch_of_batch,
+                                                       "ids": batch["sample_ids"].tolist()}) + "\n")
+                    self._sample_log.flush()
                 out = self.micro_step(self.engine, batch)
                 self.engine.backward(out["loss"])
                 if self._own_nonfinite_check and i == self.grad_accum - 1:
@@ -282,5 +316,7 @@ class Trainer:
         return {**means, "images_per_sec": ips_global, "grad_norm": grad_norm, "lr": lr, "mfu": mfu}
 
     def close(self) -> None:
+        if self._sample_log is not None:
+            self._sample_log.close()
         self.logger.close()
         barrier()

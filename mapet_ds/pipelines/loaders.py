@@ -24,6 +24,10 @@ from mapet_ds.pipelines import graphs as G
 from mapet_ds.pipelines.randaugment import parse_rand_augment
 
 STATE_FORMAT = "mapet_ds.pipelines/1"
+# A loader state merged from every rank of another world size (``merge_rank_states``).
+ELASTIC_FORMAT = "mapet_ds.pipelines/elastic1"
+# Signature keys that depend on the world size; the rest must match on an elastic resume.
+_LAYOUT_KEYS = ("batch_size", "shard_id", "num_shards")
 
 
 class TrainLoader:
@@ -38,10 +42,19 @@ class TrainLoader:
     every RNG state, taken after the batches already returned, so prefetched batches
     are not lost) plus the epoch/step counters. Building the same loader with
     ``checkpoint=state`` continues with exactly the batches this one would yield next.
+
+    Elastic resume: the state also holds a bitmap of the sample ids this rank returned
+    in the current epoch (n/8 bytes; cheaper than the ids and exact whatever DALI's
+    internal reshuffle did). ``merge_rank_states`` ORs the bitmaps of all old ranks;
+    a loader built from that merged state on another world size first finishes the
+    interrupted epoch over the not-yet-used ids only (a DALI reader over that sub-list,
+    re-sharded over the new ranks, order and augmentation seeded from (seed, epoch),
+    the remainder smaller than one batch per rank dropped as in every epoch), then
+    continues with whole-list epochs whose reader is seeded from (seed, epoch).
     """
 
     def __init__(self, *, kind: str, fl: FileList, batch_size: int, shard_id: int, num_shards: int,
-                 mode: str, signature: dict, build: Callable[[bytes | None], object],
+                 mode: str, signature: dict, build: Callable[..., object],
                  outputs: Sequence[str], with_labels: bool, checkpoint: str | bytes | None):
         self.kind = kind
         self._list_path = fl.list_path
@@ -59,24 +72,50 @@ class TrainLoader:
         self._signature = {"kind": kind, "filelist_digest": fl.digest(), "num_samples": n,
                            "batch_size": batch_size, "shard_id": shard_id, "num_shards": num_shards, **signature}
         self._epoch, self._step = 0, 0  # position of the reader: epoch, batches taken in it
+        self._fl, self._build, self._seed = fl, build, int(signature.get("seed", 0))
+        self._epoch_len = self.steps_per_epoch  # batches of the current epoch (shorter in a tail epoch)
+        self._used = np.zeros(n, dtype=bool)  # sample ids this rank returned in the current epoch
+        self._tail_base: np.ndarray | None = None  # tail epoch: ids used before it (bool [n])
+        self._tail_ids: torch.Tensor | None = None  # tail epoch: reader label -> sample id
+        self._reseed_epoch: int | None = None  # whole-list reader seeded from (seed, this epoch)
+        self.elastic_info: dict | None = None
         dali_ckpt = None
         if checkpoint is not None:
             dali_ckpt = self._load_state(checkpoint)
         self._device = C.torch_device(mode)
         self._outputs = tuple(outputs)
         self._labels = torch.tensor(fl.labels, dtype=torch.int64) if with_labels else None
-        self._pipe = build(dali_ckpt)
+        self._pipe = self._make_pipe(dali_ckpt)
+
+    def _derived_seed(self, what: int, epoch: int) -> int:
+        return (self._seed * 1_000_003 + (epoch + 1) * 7_919 + what * 104_729) % (2**31 - 1)
+
+    def _make_pipe(self, dali_ckpt: bytes | None):
+        if self._tail_base is not None:
+            ids = np.flatnonzero(~self._tail_base)
+            self._tail_ids = torch.from_numpy(ids).to(torch.int64)
+            fl = self._fl
+            sub = FileList(fl.list_path, fl.root, [fl.paths[i] for i in ids], [fl.labels[i] for i in ids], fl.classes)
+            self._epoch_len = (len(ids) // self.num_shards) // self.batch_size
+            self._reader_batches = C.train_reader_batches(len(ids), self.num_shards, self.batch_size)
+            return self._build(dali_ckpt, fl=sub, seed=self._derived_seed(1, self._epoch))
+        self._tail_ids = None
+        self._epoch_len = self.steps_per_epoch
+        self._reader_batches = C.train_reader_batches(len(self._fl), self.num_shards, self.batch_size)
+        if self._reseed_epoch is not None:
+            return self._build(dali_ckpt, seed=self._derived_seed(2, self._reseed_epoch))
+        return self._build(dali_ckpt)
 
     # -- position -------------------------------------------------------------------
     @property
     def epoch(self) -> int:
-        """Epoch of the next batch (= batches returned so far // steps_per_epoch)."""
-        return self._epoch + (self._step >= self.steps_per_epoch)
+        """Epoch of the next batch."""
+        return self._epoch + (self._step >= self._epoch_len)
 
     @property
     def step_in_epoch(self) -> int:
         """Index within its epoch of the next batch."""
-        return self._step % self.steps_per_epoch
+        return self._step % self._epoch_len if self._step < self._epoch_len else 0
 
     @property
     def batches_returned(self) -> int:
@@ -87,23 +126,35 @@ class TrainLoader:
         return self
 
     def __next__(self) -> dict:
-        if self._step >= self.steps_per_epoch:
-            # Drop the rest of this rank's reader epoch so the next epoch starts fresh.
-            for _ in range(self._reader_batches - self._step):
-                C.run_pipeline(self._pipe, self._list_path, self._locate)
-            self._epoch, self._step = self._epoch + 1, 0
+        if self._step >= self._epoch_len:
+            if self._tail_base is not None:
+                # the epoch begun on another world size is done: whole-list epochs from here
+                self._tail_base, self._pipe = None, None
+                self._reseed_epoch = self._epoch + 1
+                self._epoch, self._step = self._epoch + 1, 0
+                self._pipe = self._make_pipe(None)
+            else:
+                # Drop the rest of this rank's reader epoch so the next epoch starts fresh.
+                for _ in range(self._reader_batches - self._step):
+                    C.run_pipeline(self._pipe, self._list_path, self._locate)
+                self._epoch, self._step = self._epoch + 1, 0
+            self._used[:] = False
         tensors = C.dali_to_torch(C.run_pipeline(self._pipe, self._list_path, self._locate), self._device)
         self._step += 1
         batch = dict(zip(self._outputs, tensors))
         batch["sample_ids"] = batch["sample_ids"].reshape(-1).to(torch.int64)
+        if self._tail_ids is not None:  # the tail reader's label indexes the sub-list
+            batch["sample_ids"] = self._tail_ids[batch["sample_ids"]]
+        self._used[batch["sample_ids"].numpy()] = True
         if self._labels is not None:
             batch["labels"] = self._labels[batch["sample_ids"]].to(self._device, non_blocking=True)
         return batch
 
     def _locate(self, cause: str) -> str | None:
-        """Name the failing sample: in epoch 0 the reader's order is the seed's permutation."""
+        """Name the failing sample: in epoch 0 of a reader seeded with ``seed`` its order is the
+        seed's permutation; otherwise (later epochs, elastic tails) the header scan finds it."""
         candidates = None
-        if self._epoch == 0:
+        if self._epoch == 0 and self._tail_base is None and self._reseed_epoch is None:
             n, B = len(self._fl), self.batch_size
             part = shard_indices(n, self.shard_id, self.num_shards)
             shard = np.random.default_rng(int(self._signature["seed"])).permutation(n)[part.start:part.stop]
@@ -117,21 +168,45 @@ class TrainLoader:
         if isinstance(dali, str):
             dali = dali.encode("latin-1")
         return json.dumps({"format": STATE_FORMAT, **self._signature, "epoch": self._epoch, "step": self._step,
-                           "dali": base64.b64encode(dali).decode("ascii")})
+                           "dali": base64.b64encode(dali).decode("ascii"), "epoch_len": self._epoch_len,
+                           "used": _pack(self._used), "reseed_epoch": self._reseed_epoch,
+                           "tail_base": None if self._tail_base is None else _pack(self._tail_base)})
 
     def _load_state(self, checkpoint: str | bytes) -> bytes:
         try:
             st = json.loads(checkpoint)
-            assert st.get("format") == STATE_FORMAT
+            assert st.get("format") in (STATE_FORMAT, ELASTIC_FORMAT)
         except (ValueError, AssertionError, TypeError):
             raise ValueError(f"checkpoint is not a {STATE_FORMAT} loader state (pass what loader.state() returned)") \
                 from None
+        elastic = st["format"] == ELASTIC_FORMAT
         diff = [f"{k}: saved {st.get(k)!r}, now {v!r}" for k, v in self._signature.items()
-                if _jsonable(st.get(k)) != _jsonable(v)]
+                if _jsonable(st.get(k)) != _jsonable(v) and not (elastic and k in _LAYOUT_KEYS)]
         if diff:
             raise ValueError(f"{self.kind} loader checkpoint does not match this loader ({'; '.join(diff)}): "
                              f"resume with the same file list, batch size, world size and augmentation settings")
         self._epoch, self._step = int(st["epoch"]), int(st["step"])
+        n = len(self._used)
+        if "used" in st:
+            self._used = _unpack(st["used"], n)
+        if elastic:  # a fresh reader on this world size (see the class docstring)
+            self._step = 0
+            used = self._used
+            unseen = n - int(used.sum())
+            tail_steps = (unseen // self.num_shards) // self.batch_size
+            if st["finished"] or tail_steps == 0:
+                self._epoch += 1
+                self._reseed_epoch = self._epoch
+                self._used = np.zeros(n, dtype=bool)
+                unseen, tail_steps = 0, 0
+            else:
+                self._tail_base = used.copy()
+            self.elastic_info = {"epoch": self._epoch, "unseen": unseen, "tail_batches": tail_steps,
+                                 "dropped": unseen - tail_steps * self.batch_size * self.num_shards}
+            return None
+        self._reseed_epoch = st.get("reseed_epoch")
+        if st.get("tail_base") is not None:
+            self._tail_base = _unpack(st["tail_base"], n)
         return base64.b64decode(st["dali"])
 
 
@@ -141,6 +216,38 @@ def _locate_in_shard(loader, cause: str) -> str | None:
     B = loader.batch_size
     window = loader.sample_ids[loader._taken * B:(loader._taken + 1 + C.PREFETCH_DEPTH) * B]
     return C.locate_failure(loader._fl, cause, window)
+
+
+def merge_rank_states(states: Sequence[str]) -> str:
+    """The loader states of every rank of a run -> one state any world size can resume from.
+
+    The ranks step in lockstep, so they agree on epoch and position; the union of their
+    used-id bitmaps is what the interrupted epoch has already consumed.
+    """
+    sts = [json.loads(s) for s in states]
+    if not sts or any(st.get("format") != STATE_FORMAT or "used" not in st for st in sts):
+        raise ValueError("loader states of this checkpoint predate elastic resume (no used-sample record): "
+                         "resume it on the world size it was saved with")
+    first = sts[0]
+    if any((st["epoch"], st["step"]) != (first["epoch"], first["step"]) for st in sts):
+        raise ValueError("loader states of the ranks disagree on the epoch position: the checkpoint is inconsistent")
+    n = int(first["num_samples"])
+    used = np.zeros(n, dtype=bool)
+    for st in sts:
+        used |= _unpack(st["used"], n)
+        if st.get("tail_base") is not None:
+            used |= _unpack(st["tail_base"], n)
+    merged = {k: v for k, v in first.items() if k not in ("dali", "used", "tail_base", "reseed_epoch")}
+    merged.update(format=ELASTIC_FORMAT, used=_pack(used), finished=int(first["step"]) >= int(first["epoch_len"]))
+    return json.dumps(merged)
+
+
+def _pack(mask: np.ndarray) -> str:
+    return base64.b64encode(np.packbits(mask).tobytes()).decode("ascii")
+
+
+def _unpack(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8), count=n).astype(bool)
 
 
 def _jsonable(v):
@@ -292,9 +399,9 @@ def pretrain_loader(filelist: str | os.PathLike | FileList, *, img_size: int, ba
         kind="pretrain", fl=fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
         signature={"seed": seed, **kw}, outputs=G.pretrain_outputs(bool(tokenizer_view_size)), with_labels=False,
         checkpoint=checkpoint,
-        build=lambda ck: G.build_pretrain(fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-                                          seed=seed, num_threads=num_threads, mode=mode, checkpoint=ck,
-                                          prefetch_queue_depth=prefetch_queue_depth, **kw))
+        build=lambda ck, fl=fl, seed=seed: G.build_pretrain(
+            fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, num_threads=num_threads,
+            mode=mode, checkpoint=ck, prefetch_queue_depth=prefetch_queue_depth, **kw))
 
 
 def finetune_train_loader(filelist: str | os.PathLike | FileList, *, img_size: int, batch_size: int, shard_id: int,
@@ -322,9 +429,9 @@ def finetune_train_loader(filelist: str | os.PathLike | FileList, *, img_size: i
         kind="finetune_train", fl=fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
         signature={"seed": seed, "rand_augment": rand_augment, **kw}, outputs=G.FINETUNE_OUTPUTS, with_labels=True,
         checkpoint=checkpoint,
-        build=lambda ck: G.build_finetune_train(fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-                                                seed=seed, num_threads=num_threads, mode=mode, rand_augment=ra,
-                                                checkpoint=ck, prefetch_queue_depth=prefetch_queue_depth, **kw))
+        build=lambda ck, fl=fl, seed=seed: G.build_finetune_train(
+            fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, num_threads=num_threads,
+            mode=mode, rand_augment=ra, checkpoint=ck, prefetch_queue_depth=prefetch_queue_depth, **kw))
 
 
 def eval_loader(filelist: str | os.PathLike | FileList, *, img_size: int, batch_size: int, shard_id: int,
