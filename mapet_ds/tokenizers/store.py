@@ -397,3 +397,11 @@ def _short(spec: dict) -> str:
     """A few words naming a tokenizer spec for error messages."""
     cb = (spec.get("codebook") or {}).get("centroids_sha256") or spec.get("weights_sha256") or ""
     return f"{spec.get('kind')}, {cb[:12]}" if cb else str(spec.get("kind"))
+
+
+def spec_fingerprint(spec: dict) -> str:
+    """sha256 of a tokenizer spec without file locations: what the tokens were made with.
+
+    Shards carry it in their manifest; a recipe can pin it (``tokenizer.fingerprint``).
+    """
+    return hashlib.sha256(json.dumps(_identity(spec), sort_keys=True).encode()).hexdigest()

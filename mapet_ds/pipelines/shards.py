@@ -1,0 +1,320 @@
+"""Webdataset tar shards (data/make_shards.py) read through DALI's webdataset reader.
+
+A shard set is a folder of ``shard-NNNNNN.tar`` + DALI ``.idx`` files and a
+``manifest.json``. Each sample carries its image bytes, class index (``.cls``), original
+sample id (``.id``) and, when made with a token store, its token row (``.tok``): labels
+and tokens come out of the reader with the image, so nothing the size of the dataset is
+held in host or GPU memory.
+
+The graphs are the file-list graphs (mapet_ds.pipelines.graphs) with this reader in
+place of the file reader; the loaders are the file-list loaders' logic:
+
+* training: DALI splits the samples over ranks (``shard_id``/``num_shards``, the same
+  contiguous split as the file reader), reshuffles the tar order after every epoch with
+  one seed on every rank (so rank shards stay disjoint) and shuffles samples in a buffer
+  of ``initial_fill``; ``pad_last_batch`` closes each epoch on a batch boundary. The
+  webdataset reader supports DALI pipeline checkpointing, so ``state()`` resumes exactly.
+* eval: this rank's contiguous part of the stored order, padded; a ``valid`` mask marks
+  the padding so summing over ranks counts every sample once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from mapet_ds.filelist import shard_indices
+from mapet_ds.pipelines import common as C
+from mapet_ds.pipelines import graphs as G
+from mapet_ds.pipelines.loaders import TrainLoader
+from mapet_ds.pipelines.randaugment import parse_rand_augment
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "mapet_ds.shards/1"
+# image components a sample may carry (make_shards names them by the real format)
+IMAGE_EXTS = ("jpg", "png", "bmp", "webp", "tif")
+FIX = "make the shards again with data/make_shards.py"
+
+
+class ShardSetError(ValueError):
+    """A shard set is missing, damaged, or was made for another tokenizer/model."""
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}"
+
+
+@dataclass
+class ShardSet:
+    """An opened shard folder: its manifest and the tar/index paths."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def list_path(self) -> Path:  # named like FileList's, for the loaders' messages
+        return self.path
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    def digest(self) -> str:
+        """Identifies the samples and their order (loader checkpoints are checked against it)."""
+        return self.manifest["digest"]
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self.manifest.get("classes")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def tokenizer(self) -> dict | None:
+        return self.manifest.get("tokenizer")
+
+    @property
+    def tars(self) -> list[str]:
+        return [str(self.path / s["tar"]) for s in self.manifest["shards"]]
+
+    @property
+    def indexes(self) -> list[str]:
+        return [str(self.path / s["idx"]) for s in self.manifest["shards"]]
+
+
+def open_shards(path: str | os.PathLike | ShardSet) -> ShardSet:
+    """Read and check a shard folder; one-line ShardSetError naming what is wrong."""
+    if isinstance(path, ShardSet):
+        return path
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise ShardSetError(f"no shard set at {path} (no {MANIFEST}): make it with data/make_shards.py --out {path}"
+                            f" (a killed run: rerun the same command to finish it)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ShardSetError(f"shard set {path}: {MANIFEST} is unreadable ({e}); {FIX}") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ShardSetError(f"{mpath} is not a mapet_ds shard manifest (format {manifest.get('format')!r}); {FIX}")
+    ss = ShardSet(path, manifest)
+    missing = [p for p in ss.tars + ss.indexes if not os.path.isfile(p)]
+    if missing:
+        raise ShardSetError(f"shard set {path}: {len(missing)} file(s) of the manifest are missing, e.g. "
+                            f"{os.path.basename(missing[0])}; {FIX}")
+    return ss
+
+
+def check_tokens(ss: ShardSet, *, grid: int, vocab: int, kind: str | None = None, fingerprint: str | None = None,
+                 codebook: str | None = None, token_store: str | None = None) -> None:
+    """Refuse (one line) shards whose tokens were not made for this recipe.
+
+    grid and vocab must equal the model's; ``kind`` (pixel_kmeans / kclip) must match the
+    extractor; ``fingerprint`` (tokenizer.fingerprint, a prefix is enough), the codebook
+    file and a token store named by the recipe must all name the shards' tokenizer.
+    """
+    from mapet_ds.tokenizers.store import spec_fingerprint
+
+    tk = ss.tokenizer
+    if tk is None:
+        raise ShardSetError(f"shard set {ss.path} carries no tokens: make it with data/make_shards.py "
+                            f"--token-store <store of this list>, or use an online tokenizer")
+    where = f"shard set {ss.path} (tokenizer {tk['fingerprint'][:12]})"
+    if tk["grid"] != grid:
+        raise ShardSetError(f"{where} has a {tk['grid']}x{tk['grid']} token grid but the model's patch grid is "
+                            f"{grid}x{grid}: set model.img_size/patch_size to match, or {FIX} from a matching store")
+    if tk["vocab"] != vocab:
+        raise ShardSetError(f"{where} has vocab {tk['vocab']} but tokenizer.vocab_size={vocab}: set "
+                            f"tokenizer.vocab_size={tk['vocab']}, or {FIX} from a matching store")
+    spec = tk["spec"]
+    extractor = (spec.get("extractor") or {}).get("kind")
+    want = {"pixel_kmeans": "pixel", "kclip": "clip"}.get(kind or "")
+    if want is not None and spec.get("kind") == "kmeans" and extractor != want:
+        raise ShardSetError(f"{where} holds k-means tokens of a {extractor!r} extractor, but tokenizer.kind={kind}")
+    if fingerprint and not tk["fingerprint"].startswith(fingerprint.lower()):
+        raise ShardSetError(f"{where} does not match tokenizer.fingerprint={fingerprint}: use the shards made for "
+                            f"that tokenizer, or set tokenizer.fingerprint={tk['fingerprint'][:12]}")
+    if codebook:
+        from mapet_ds.tokenizers.codebook import Codebook
+
+        have = (spec.get("codebook") or {}).get("centroids_sha256")
+        if have != Codebook.load(codebook).fingerprint():
+            raise ShardSetError(f"{where} was not made with tokenizer.codebook={codebook}: {FIX} from a store of "
+                                f"that codebook, or drop tokenizer.codebook")
+    if token_store:
+        meta_path = os.path.join(token_store, "meta.json")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                store_fp = spec_fingerprint(json.load(f)["spec"])
+        except (OSError, ValueError, KeyError) as e:
+            raise ShardSetError(f"tokenizer.token_store={token_store}: cannot read {meta_path} ({e})") from None
+        if store_fp != tk["fingerprint"]:
+            raise ShardSetError(f"{where} was made with another tokenizer than tokenizer.token_store={token_store} "
+                                f"({store_fp[:12]}): {FIX} from that store, or drop tokenizer.token_store")
+
+
+def webdataset_reader(ss: ShardSet, *, shard_id: int, num_shards: int, shuffle_seed: int | None, tokens: bool):
+    """DALI webdataset reader -> (encoded image, sample id int64 [1], label int64 [1][, tokens int16 [cells]]).
+
+    With ``shuffle_seed`` (training) every epoch visits the tars in a new order drawn from
+    that seed, the same on every rank, and samples are shuffled in a buffer; without it
+    (eval) the rank reads its part of the stored order.
+    """
+    from nvidia.dali import fn, types
+
+    ext = [";".join(IMAGE_EXTS), "id", "cls"] + (["tok"] if tokens else [])
+    dtypes = [types.UINT8, types.INT64, types.INT64] + ([types.INT16] if tokens else [])
+    if shuffle_seed is None:
+        extra = {"stick_to_shard": True}
+    else:
+        extra = {"random_shuffle": True, "shuffle_after_epoch": True,
+                 "shuffle_after_epoch_seed": int(shuffle_seed) % (2**31 - 1)}
+    return tuple(fn.readers.webdataset(
+        name=C.READER_NAME, paths=ss.tars, index_paths=ss.indexes, ext=ext, dtypes=dtypes,
+        missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
+        **extra))
+
+
+class ShardTrainLoader(TrainLoader):
+    """TrainLoader over shards: batches also hold "labels" int64 [B] (on the image device)
+    and, with tokens, "tokens" int16 [B, grid*grid] (CPU), read from the shards."""
+
+    def __next__(self) -> dict:
+        batch = super().__next__()
+        batch["labels"] = batch["labels"].reshape(-1).to(self._device, non_blocking=True)
+        return batch
+
+
+class ShardEvalLoader:
+    """One epoch of eval batches per ``iter()`` (EvalLoader's contract): ``len()`` batches on
+    every rank, images float32 [B,3,S,S], labels int64 [B], sample_ids int64 [B] (CPU),
+    valid bool [B]; padding rows repeat a real sample and have valid=False."""
+
+    def __init__(self, *, ss: ShardSet, batch_size: int, shard_id: int, num_shards: int, mode: str, build,
+                 image_shape: tuple[int, ...]):
+        n = len(ss)
+        self._path = ss.path
+        self.batch_size = batch_size
+        self.num_local = len(shard_indices(n, shard_id, num_shards))
+        self.num_batches = math.ceil(math.ceil(n / num_shards) / batch_size)
+        self._reader_batches = math.ceil(self.num_local / batch_size)
+        self._device = C.torch_device(mode)
+        self._image_shape = image_shape
+        # DALI refuses an empty shard: with more ranks than samples this rank only pads
+        self._pipe = build() if self.num_local > 0 else None
+        self._taken = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        while 0 < self._taken < self._reader_batches:  # an earlier pass stopped early
+            C.run_pipeline(self._pipe, self._path)
+            self._taken += 1
+        self._taken = 0
+        last = None
+        B = self.batch_size
+        for i in range(self.num_batches):
+            if i >= self._reader_batches:
+                if last is None:
+                    last = {"images": torch.zeros((B, *self._image_shape), device=self._device),
+                            "labels": torch.zeros(B, dtype=torch.int64, device=self._device),
+                            "sample_ids": torch.zeros(B, dtype=torch.int64)}
+                yield {**{k: v.clone() for k, v in last.items() if k != "valid"},
+                       "valid": torch.zeros(B, dtype=torch.bool, device=self._device)}
+                continue
+            images, ids, labels = C.dali_to_torch(C.run_pipeline(self._pipe, self._path), self._device)
+            self._taken += 1
+            pos = torch.arange(i * B, (i + 1) * B)
+            last = {"images": images, "labels": labels.reshape(-1).to(self._device),
+                    "sample_ids": ids.reshape(-1), "valid": (pos < self.num_local).to(self._device)}
+            yield last
+        self._taken = 0
+
+
+# ---------------------------------------------------------------------------------------
+# Public builders: the file-list builders' keyword arguments, a shard folder instead of a list.
+# ---------------------------------------------------------------------------------------
+
+def pretrain_shard_loader(shards: str | os.PathLike | ShardSet, *, img_size: int, batch_size: int, shard_id: int,
+                          num_shards: int, seed: int, num_threads: int = 2, device: str = "auto",
+                          color_jitter: float = 0.4, mean: Sequence[float] = C.IMAGENET_DEFAULT_MEAN,
+                          std: Sequence[float] = C.IMAGENET_DEFAULT_STD, tokenizer_view_size: int | None = None,
+                          random_resized_crop: bool = False, tokens: bool = True,
+                          checkpoint: str | bytes | None = None) -> ShardTrainLoader:
+    """pretrain_loader over shards. Batches: images, sample_ids, labels, [tok_images],
+    and with ``tokens`` "tokens" int16 [B, grid*grid] straight from the shards."""
+    ss, mode = _prepare(shards, batch_size, shard_id, num_shards, device)
+    if tokens and ss.tokenizer is None:
+        raise ShardSetError(f"shard set {ss.path} carries no tokens: make it with data/make_shards.py --token-store")
+    if color_jitter < 0:
+        raise ValueError(f"color_jitter={color_jitter}: must be >= 0")
+    kw = dict(img_size=img_size, color_jitter=color_jitter, mean=list(mean), std=list(std),
+              tokenizer_view_size=tokenizer_view_size, random_resized_crop=random_resized_crop)
+    outputs = G.pretrain_outputs(bool(tokenizer_view_size)) + ("labels",) + (("tokens",) if tokens else ())
+    return ShardTrainLoader(
+        kind="pretrain_shards", fl=ss, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
+        signature={"seed": seed, "tokens": tokens, **kw}, outputs=outputs, with_labels=False, checkpoint=checkpoint,
+        build=lambda ck: G.build_pretrain(
+            None, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed,
+            num_threads=num_threads, mode=mode, checkpoint=ck, **kw,
+            reader=lambda: webdataset_reader(ss, shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed,
+                                             tokens=tokens)))
+
+
+def finetune_shard_loader(shards: str | os.PathLike | ShardSet, *, img_size: int, batch_size: int, shard_id: int,
+                          num_shards: int, seed: int, num_threads: int = 2, device: str = "auto",
+                          scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                          hflip: float = 0.5, rand_augment: str | None = "rand-m9-mstd0.5",
+                          mean: Sequence[float] = C.IMAGENET_DEFAULT_MEAN,
+                          std: Sequence[float] = C.IMAGENET_DEFAULT_STD,
+                          checkpoint: str | bytes | None = None) -> ShardTrainLoader:
+    """finetune_train_loader over shards; labels come from the shards."""
+    ss, mode = _prepare(shards, batch_size, shard_id, num_shards, device)
+    ra = parse_rand_augment(rand_augment) if rand_augment else None
+    if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"scale={tuple(scale)}, ratio={tuple(ratio)}: need 0 < lo <= hi (scale hi <= 1)")
+    kw = dict(img_size=img_size, scale=list(scale), ratio=list(ratio), hflip=hflip, mean=list(mean), std=list(std))
+    return ShardTrainLoader(
+        kind="finetune_train_shards", fl=ss, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+        mode=mode, signature={"seed": seed, "rand_augment": rand_augment, **kw},
+        outputs=G.FINETUNE_OUTPUTS + ("labels",), with_labels=False, checkpoint=checkpoint,
+        build=lambda ck: G.build_finetune_train(
+            None, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed,
+            num_threads=num_threads, mode=mode, rand_augment=ra, checkpoint=ck, **kw,
+            reader=lambda: webdataset_reader(ss, shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed,
+                                             tokens=False)))
+
+
+def eval_shard_loader(shards: str | os.PathLike | ShardSet, *, img_size: int, batch_size: int, shard_id: int,
+                      num_shards: int, num_threads: int = 2, device: str = "auto", crop_pct: float = 224 / 248,
+                      interpolation: str = "bicubic", mean: Sequence[float] = C.IMAGENET_DEFAULT_MEAN,
+                      std: Sequence[float] = C.IMAGENET_DEFAULT_STD) -> ShardEvalLoader:
+    """eval_loader over shards (timm's eval transform; valid mask over the padding)."""
+    ss, mode = _prepare(shards, batch_size, shard_id, num_shards, device)
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct={crop_pct}: must be in (0, 1]")
+    scale_size = math.floor(img_size / crop_pct)
+    return ShardEvalLoader(
+        ss=ss, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
+        image_shape=(3, img_size, img_size),
+        build=lambda: G.build_eval(
+            None, img_size=img_size, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+            num_threads=num_threads, mode=mode, scale_size=scale_size, interpolation=interpolation, mean=mean,
+            std=std,
+            reader=lambda: webdataset_reader(ss, shard_id=shard_id, num_shards=num_shards, shuffle_seed=None,
+                                             tokens=False)))
+
+
+def _prepare(shards, batch_size: int, shard_id: int, num_shards: int, device: str) -> tuple[ShardSet, str]:
+    C.check_batch_size(batch_size)
+    C.check_shard(shard_id, num_shards)
+    mode = C.resolve_device(device)
+    return open_shards(shards), mode
