@@ -9,30 +9,36 @@ held in host or GPU memory.
 The graphs are the file-list graphs (mapet_ds.pipelines.graphs) with this reader in
 place of the file reader; the loaders are the file-list loaders' logic:
 
-* training: DALI splits the samples over ranks (``shard_id``/``num_shards``, the same
-  contiguous split as the file reader), reshuffles the tar order after every epoch with
-  one seed on every rank (so rank shards stay disjoint) and shuffles samples in a buffer
-  of ``initial_fill``; ``pad_last_batch`` closes each epoch on a batch boundary. The
-  webdataset reader supports DALI pipeline checkpointing, so ``state()`` resumes exactly.
+* training: every epoch the tars are put in a new order (one seed, the same on every
+  rank) and the samples split contiguously over ranks as DALI's ``shard_id``/
+  ``num_shards`` would, so each sample is used once per epoch; a rank's reader gets only
+  the tars of its part (memory per rank ~ dataset / ranks, see ``rank_tars``) and
+  shuffles them in DALI's buffer. The webdataset reader supports DALI pipeline
+  checkpointing, so ``state()`` (epoch, step, DALI checkpoint) resumes exactly.
 * eval: this rank's contiguous part of the stored order, padded; a ``valid`` mask marks
   the padding so summing over ranks counts every sample once.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from mapet_ds.filelist import shard_indices
 from mapet_ds.pipelines import common as C
 from mapet_ds.pipelines import graphs as G
-from mapet_ds.pipelines.loaders import TrainLoader
+from mapet_ds.pipelines.loaders import STATE_FORMAT
 from mapet_ds.pipelines.randaugment import parse_rand_augment
 
 MANIFEST = "manifest.json"
@@ -160,42 +166,152 @@ def check_tokens(ss: ShardSet, *, grid: int, vocab: int, kind: str | None = None
                                 f"({store_fp[:12]}): {FIX} from that store, or drop tokenizer.token_store")
 
 
-def webdataset_reader(ss: ShardSet, *, shard_id: int, num_shards: int, shuffle_seed: int | None, tokens: bool):
-    """DALI webdataset reader -> (encoded image, sample id int64 [1], label int64 [1][, tokens int16 [cells]]).
+def rank_tars(ss: ShardSet, order: Sequence[int], shard_id: int, num_shards: int, tmp_dir: str,
+              tag: str) -> tuple[list[str], list[str]]:
+    """The tars (and index files) holding this rank's samples when the tars are read in ``order``.
 
-    With ``shuffle_seed`` (training) every epoch visits the tars in a new order drawn from
-    that seed, the same on every rank, and samples are shuffled in a buffer; without it
-    (eval) the rank reads its part of the stored order.
+    The samples of the tars in ``order`` are split over ranks contiguously, as DALI's own
+    ``shard_id``/``num_shards`` would (``shard_indices``). We do the split ourselves so that
+    a rank's reader only parses the index of its own tars: DALI's sharding parses every
+    index on every rank (~600 bytes of host memory per sample and rank, measured in
+    bench/shards.py). The two tars cut by the rank's range get a trimmed copy of their
+    index in ``tmp_dir`` (DALI reads exactly the samples an index lists).
     """
+    lo_hi = shard_indices(len(ss), shard_id, num_shards)
+    lo, hi = lo_hi.start, lo_hi.stop
+    entries = ss.manifest["shards"]
+    paths, idxs, start = [], [], 0
+    for t in order:
+        count = int(entries[t]["count"])
+        a, b = max(lo, start), min(hi, start + count)
+        if a < b:
+            paths.append(ss.tars[t])
+            if (a, b) == (start, start + count):
+                idxs.append(ss.indexes[t])
+            else:
+                with open(ss.indexes[t], encoding="utf-8") as f:
+                    lines = f.read().splitlines()[1:]
+                part = os.path.join(tmp_dir, f"{tag}_{t:06d}.idx")
+                with open(part, "w", encoding="utf-8") as f:
+                    f.write(f"v1.2 {b - a}\n" + "".join(ln + "\n" for ln in lines[a - start:b - start]))
+                idxs.append(part)
+        start += count
+    return paths, idxs
+
+
+def webdataset_reader(paths: list[str], indexes: list[str], *, shuffle: bool, tokens: bool):
+    """DALI webdataset reader over one rank's tars -> (encoded image, sample id int64 [1],
+    label int64 [1][, tokens int16 [cells]]); ``shuffle``: a shuffle buffer of ``initial_fill``."""
     from nvidia.dali import fn, types
 
     ext = [";".join(IMAGE_EXTS), "id", "cls"] + (["tok"] if tokens else [])
     dtypes = [types.UINT8, types.INT64, types.INT64] + ([types.INT16] if tokens else [])
-    if shuffle_seed is None:
-        extra = {"stick_to_shard": True}
-    else:
-        extra = {"random_shuffle": True, "shuffle_after_epoch": True,
-                 "shuffle_after_epoch_seed": int(shuffle_seed) % (2**31 - 1)}
     return tuple(fn.readers.webdataset(
-        name=C.READER_NAME, paths=ss.tars, index_paths=ss.indexes, ext=ext, dtypes=dtypes,
-        missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
-        **extra))
+        name=C.READER_NAME, paths=paths, index_paths=indexes, ext=ext, dtypes=dtypes,
+        missing_component_behavior="error", pad_last_batch=True, random_shuffle=shuffle, stick_to_shard=True))
 
 
-class ShardTrainLoader(TrainLoader):
-    """TrainLoader over shards: batches also hold "labels" int64 [B] (on the image device)
-    and, with tokens, "tokens" int16 [B, grid*grid] (CPU), read from the shards."""
+def epoch_order(num_tars: int, seed: int, epoch: int) -> list[int]:
+    """Tar order of a training epoch: the same on every rank, new every epoch."""
+    return [int(t) for t in np.random.default_rng([abs(int(seed)), int(epoch)]).permutation(num_tars)]
+
+
+class ShardTrainLoader:
+    """Endless training batches over a shard set; TrainLoader's contract (``steps_per_epoch``,
+    ``epoch``, ``state()``/``checkpoint=``), labels and tokens from the shards.
+
+    Batches: the graph's outputs, plus "labels" int64 [B] (on the image device) and, with
+    tokens, "tokens" int16 [B, grid*grid] (CPU). Every epoch the tars are put in a new order
+    (one seed, every rank) and this rank reads its contiguous part of the samples through a
+    fresh pipeline over only those tars, shuffled in DALI's buffer. ``state()`` holds the
+    epoch, the step in it and the DALI checkpoint of the epoch's pipeline (reader position
+    and RNG states), so a rebuilt loader continues exactly.
+    """
+
+    def __init__(self, *, kind: str, ss: ShardSet, batch_size: int, shard_id: int, num_shards: int, mode: str,
+                 seed: int, signature: dict, build: Callable, outputs: Sequence[str],
+                 checkpoint: str | bytes | None):
+        self.kind = kind
+        self._ss = ss
+        self.batch_size = batch_size
+        self.shard_id, self.num_shards, self._seed = shard_id, num_shards, seed
+        n = len(ss)
+        self.steps_per_epoch = (n // num_shards) // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"shard set {ss.path}: {n} samples over {num_shards} rank(s) give no full batch of "
+                             f"{batch_size} per rank: lower the batch size")
+        self._signature = {"kind": kind, "shards_digest": ss.digest(), "num_samples": n, "batch_size": batch_size,
+                           "shard_id": shard_id, "num_shards": num_shards, "seed": seed, **signature}
+        self._build, self._outputs = build, tuple(outputs)
+        self._device = C.torch_device(mode)
+        self._tmp = tempfile.mkdtemp(prefix="mapet_shards_")
+        weakref.finalize(self, shutil.rmtree, self._tmp, True)
+        self._epoch, self._step = 0, 0
+        dali = self._load_state(checkpoint) if checkpoint is not None else None
+        self._pipe = self._epoch_pipeline(self._epoch, dali)
+
+    def _epoch_pipeline(self, epoch: int, dali: bytes | None):
+        paths, idxs = rank_tars(self._ss, epoch_order(len(self._ss.tars), self._seed, epoch), self.shard_id,
+                                self.num_shards, self._tmp, f"e{epoch}")
+        # augmentation streams: distinct per epoch (and per rank, inside the graph builder)
+        return self._build(paths, idxs, C.rank_seed(self._seed, epoch, salt=3), dali)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch + (self._step >= self.steps_per_epoch)
+
+    @property
+    def step_in_epoch(self) -> int:
+        return self._step % self.steps_per_epoch
+
+    @property
+    def batches_returned(self) -> int:
+        return self._epoch * self.steps_per_epoch + self._step
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
 
     def __next__(self) -> dict:
-        batch = super().__next__()
+        if self._step >= self.steps_per_epoch:
+            self._pipe = None  # free the old epoch's buffers before building the next
+            self._epoch, self._step = self._epoch + 1, 0
+            self._pipe = self._epoch_pipeline(self._epoch, None)
+        tensors = C.dali_to_torch(C.run_pipeline(self._pipe, self._ss.path), self._device)
+        self._step += 1
+        batch = dict(zip(self._outputs, tensors))
+        batch["sample_ids"] = batch["sample_ids"].reshape(-1)
         batch["labels"] = batch["labels"].reshape(-1).to(self._device, non_blocking=True)
         return batch
+
+    def state(self) -> str:
+        """JSON string: DALI checkpoint of this epoch's pipeline + epoch/step + what the loader was built for."""
+        dali = self._pipe.checkpoint()
+        if isinstance(dali, str):
+            dali = dali.encode("latin-1")
+        return json.dumps({"format": STATE_FORMAT, **self._signature, "epoch": self._epoch, "step": self._step,
+                           "dali": base64.b64encode(dali).decode("ascii")})
+
+    def _load_state(self, checkpoint: str | bytes) -> bytes:
+        try:
+            st = json.loads(checkpoint)
+            assert st.get("format") == STATE_FORMAT
+        except (ValueError, AssertionError, TypeError):
+            raise ValueError(f"checkpoint is not a {STATE_FORMAT} loader state (pass what loader.state() returned)") \
+                from None
+        diff = [f"{k}: saved {st.get(k)!r}, now {v!r}" for k, v in self._signature.items()
+                if json.loads(json.dumps(st.get(k))) != json.loads(json.dumps(v))]
+        if diff:
+            raise ValueError(f"{self.kind} loader checkpoint does not match this loader ({'; '.join(diff)}): "
+                             f"resume with the same shards, batch size, world size and augmentation settings")
+        self._epoch, self._step = int(st["epoch"]), int(st["step"])
+        return base64.b64decode(st["dali"])
 
 
 class ShardEvalLoader:
     """One epoch of eval batches per ``iter()`` (EvalLoader's contract): ``len()`` batches on
     every rank, images float32 [B,3,S,S], labels int64 [B], sample_ids int64 [B] (CPU),
-    valid bool [B]; padding rows repeat a real sample and have valid=False."""
+    valid bool [B]; padding rows repeat a real sample and have valid=False. A rank reads
+    its contiguous part of the stored order (only its tars)."""
 
     def __init__(self, *, ss: ShardSet, batch_size: int, shard_id: int, num_shards: int, mode: str, build,
                  image_shape: tuple[int, ...]):
@@ -207,8 +323,12 @@ class ShardEvalLoader:
         self._reader_batches = math.ceil(self.num_local / batch_size)
         self._device = C.torch_device(mode)
         self._image_shape = image_shape
-        # DALI refuses an empty shard: with more ranks than samples this rank only pads
-        self._pipe = build() if self.num_local > 0 else None
+        self._tmp = tempfile.mkdtemp(prefix="mapet_shards_")
+        weakref.finalize(self, shutil.rmtree, self._tmp, True)
+        # an empty part (more ranks than samples): nothing to read, this rank only pads
+        self._pipe = None
+        if self.num_local > 0:
+            self._pipe = build(*rank_tars(ss, range(len(ss.tars)), shard_id, num_shards, self._tmp, "eval"))
         self._taken = 0
 
     def __len__(self) -> int:
@@ -260,13 +380,12 @@ def pretrain_shard_loader(shards: str | os.PathLike | ShardSet, *, img_size: int
               tokenizer_view_size=tokenizer_view_size, random_resized_crop=random_resized_crop)
     outputs = G.pretrain_outputs(bool(tokenizer_view_size)) + ("labels",) + (("tokens",) if tokens else ())
     return ShardTrainLoader(
-        kind="pretrain_shards", fl=ss, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
-        signature={"seed": seed, "tokens": tokens, **kw}, outputs=outputs, with_labels=False, checkpoint=checkpoint,
-        build=lambda ck: G.build_pretrain(
-            None, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed,
+        kind="pretrain_shards", ss=ss, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
+        seed=seed, signature={"tokens": tokens, **kw}, outputs=outputs, checkpoint=checkpoint,
+        build=lambda paths, idxs, epoch_seed, ck: G.build_pretrain(
+            None, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=epoch_seed,
             num_threads=num_threads, mode=mode, checkpoint=ck, **kw,
-            reader=lambda: webdataset_reader(ss, shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed,
-                                             tokens=tokens)))
+            reader=lambda: webdataset_reader(paths, idxs, shuffle=True, tokens=tokens)))
 
 
 def finetune_shard_loader(shards: str | os.PathLike | ShardSet, *, img_size: int, batch_size: int, shard_id: int,
@@ -283,14 +402,13 @@ def finetune_shard_loader(shards: str | os.PathLike | ShardSet, *, img_size: int
         raise ValueError(f"scale={tuple(scale)}, ratio={tuple(ratio)}: need 0 < lo <= hi (scale hi <= 1)")
     kw = dict(img_size=img_size, scale=list(scale), ratio=list(ratio), hflip=hflip, mean=list(mean), std=list(std))
     return ShardTrainLoader(
-        kind="finetune_train_shards", fl=ss, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-        mode=mode, signature={"seed": seed, "rand_augment": rand_augment, **kw},
-        outputs=G.FINETUNE_OUTPUTS + ("labels",), with_labels=False, checkpoint=checkpoint,
-        build=lambda ck: G.build_finetune_train(
-            None, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed,
+        kind="finetune_train_shards", ss=ss, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+        mode=mode, seed=seed, signature={"rand_augment": rand_augment, **kw},
+        outputs=G.FINETUNE_OUTPUTS + ("labels",), checkpoint=checkpoint,
+        build=lambda paths, idxs, epoch_seed, ck: G.build_finetune_train(
+            None, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=epoch_seed,
             num_threads=num_threads, mode=mode, rand_augment=ra, checkpoint=ck, **kw,
-            reader=lambda: webdataset_reader(ss, shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed,
-                                             tokens=False)))
+            reader=lambda: webdataset_reader(paths, idxs, shuffle=True, tokens=False)))
 
 
 def eval_shard_loader(shards: str | os.PathLike | ShardSet, *, img_size: int, batch_size: int, shard_id: int,
@@ -305,12 +423,11 @@ def eval_shard_loader(shards: str | os.PathLike | ShardSet, *, img_size: int, ba
     return ShardEvalLoader(
         ss=ss, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
         image_shape=(3, img_size, img_size),
-        build=lambda: G.build_eval(
+        build=lambda paths, idxs: G.build_eval(
             None, img_size=img_size, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
             num_threads=num_threads, mode=mode, scale_size=scale_size, interpolation=interpolation, mean=mean,
             std=std,
-            reader=lambda: webdataset_reader(ss, shard_id=shard_id, num_shards=num_shards, shuffle_seed=None,
-                                             tokens=False)))
+            reader=lambda: webdataset_reader(paths, idxs, shuffle=False, tokens=False)))
 
 
 def _prepare(shards, batch_size: int, shard_id: int, num_shards: int, device: str) -> tuple[ShardSet, str]:
