@@ -26,7 +26,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tarfile
@@ -42,6 +41,7 @@ sys.path.insert(0, str(REPO / "data"))
 sys.path.insert(0, str(REPO / "bench"))
 
 GRID, VOCAB = 14, 8192
+PER_TAR = 10_000
 
 
 def make_store(path: Path, fl, seed: int = 0):
@@ -120,13 +120,19 @@ def make_synthetic(tmp: Path, src_list: Path, n: int) -> tuple[Path, Path]:
         members = list(tar)
     # per sample of the tar: its components as (ext, data offset, size)
     comps = [[(m.name.split(".", 1)[1], m.offset_data, m.size) for m in members[4 * i:4 * i + 4]] for i in range(k)]
-    with open(d / "synthetic.idx", "w") as f:
-        f.write(f"v1.2 {n}\n")
-        for j in range(n):
-            f.write(" ".join(f"{ext} {off} {size} {j:09d}.{ext}" for ext, off, size in comps[j % k]) + "\n")
+    # index files of PER_TAR samples each (a 1 GB shard of ImageNet holds ~9k images), all
+    # pointing into the one small tar
+    shards = []
+    for t, start in enumerate(range(0, n, PER_TAR)):
+        count = min(PER_TAR, n - start)
+        with open(d / f"synthetic_{t:06d}.idx", "w") as f:
+            f.write(f"v1.2 {count}\n")
+            for j in range(start, start + count):
+                f.write(" ".join(f"{ext} {off} {size} {j:09d}.{ext}" for ext, off, size in comps[j % k]) + "\n")
+        shards.append({"tar": tar_path.name, "idx": f"synthetic_{t:06d}.idx", "count": count})
     manifest = {"format": MANIFEST_FORMAT, "num_samples": n, "num_classes": 1, "classes": None, "digest": f"syn{n}",
                 "tokenizer": {"spec": {"kind": "bench_random"}, "fingerprint": "0" * 64, "grid": GRID, "vocab": VOCAB},
-                "shards": [{"tar": tar_path.name, "idx": "synthetic.idx", "count": n}]}
+                "shards": shards}
     (d / MANIFEST).write_text(json.dumps(manifest))
     return fl_path, d
 
@@ -157,7 +163,8 @@ def child(kind: str, path: str, batch_size: int, threads: int) -> None:
     cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     rss = int(status["VmRSS"].split()[0]) / 1024  # held now, after the batches (KiB -> MiB)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec
+    peak = int(status["VmHWM"].split()[0]) / 1024
     print(json.dumps({"rss_mib": round(rss, 1), "peak_rss_mib": round(peak, 1), "peak_cuda_mib": cuda and round(cuda, 1)}))
 
 

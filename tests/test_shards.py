@@ -152,6 +152,15 @@ def test_two_ranks_see_every_sample_once_per_epoch_with_labels_and_tokens(shards
             assert torch.equal(b["labels"][b["valid"]], torch.tensor(val.labels)[ids])
             seen += ids.tolist()
     assert sorted(seen) == list(range(50))
+    # the same pixels as the file-list eval loader, sample by sample
+    from mapet_ds.pipelines import eval_loader
+
+    ref = {}
+    for b in eval_loader(val, img_size=64, batch_size=16, shard_id=0, num_shards=1, num_threads=1, device="cpu"):
+        ref.update({int(i): im for i, im, v in zip(b["sample_ids"], b["images"], b["valid"]) if v})
+    for b in eval_shard_loader(ws / "shards/val", img_size=64, batch_size=16, shard_id=0, num_shards=1,
+                               num_threads=1, device="cpu"):
+        assert all(torch.equal(im, ref[int(i)]) for i, im, v in zip(b["sample_ids"], b["images"], b["valid"]) if v)
 
 
 def test_pretrain_on_shards_resumes_bitwise_after_sigkill(shards):

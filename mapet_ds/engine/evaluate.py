@@ -68,8 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         def loader(fl):
             make = eval_shard_loader if isinstance(fl, ShardSet) else eval_loader
             return make(fl, img_size=cfg.model.img_size, batch_size=args.batch_size, shard_id=dist.rank,
-                               num_shards=dist.world_size, num_threads=d.num_threads, device=d.decode,
-                               crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
+                        num_shards=dist.world_size, num_threads=d.num_threads, device=d.decode,
+                        crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
 
         if args.knn:
             from mapet_ds.analysis.knn import extract_features, knn_eval

@@ -200,8 +200,8 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
         micro = trainer.micro_batch
         make = eval_shard_loader if d.val_shards else eval_loader
         return make(val_fl, img_size=cfg.model.img_size, batch_size=micro, shard_id=dist.rank,
-                           num_shards=dist.world_size, num_threads=d.num_threads, device=d.decode,
-                           crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
+                    num_shards=dist.world_size, num_threads=d.num_threads, device=d.decode,
+                    crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
 
     step = FinetuneStep(cfg, dist, num_classes, build_eval, val_fl.classes)
     flops = classifier_forward_flops(cfg.model, num_classes)
