@@ -205,3 +205,12 @@ def test_mismatched_shards_are_refused_in_one_line(shards, tmp_path):
         open_shards(tmp_path / "nope")
     with pytest.raises(ConfigError, match="set data.train_list or data.train_shards, not both"):
         load_config(ws / "pretrain.yaml", ["data.train_shards=shards/train"])
+
+
+def test_tokens_assign_writes_the_same_shards(shards):
+    ws = shards
+    proc = run_py([REPO / "launch/tokens.py", "assign", "--filelist", "data/train.txt", "--codebook", "codebook.pt",
+                   "--out", "tokens", "--shards-out", "shards/via_assign", "--shard-size", "60KB"], cwd=ws)
+    assert "160 samples with their tokens in" in proc.stdout
+    made = {p.name: p.read_bytes() for p in (ws / "shards/train").glob("shard-*")}
+    assert {p.name: p.read_bytes() for p in (ws / "shards/via_assign").glob("shard-*")} == made
