@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan import CONVERT, DROP, check_image  # noqa: E402
 
 from mapet_ds.filelist import FileListError, read_filelist  # noqa: E402
-from mapet_ds.pipelines.shards import (  # noqa: E402
+from mapet_ds.pipelines.shardset import (  # noqa: E402
     IMAGE_EXTS,
     MANIFEST,
     MANIFEST_FORMAT,
@@ -180,7 +180,7 @@ def write_index(tar_path: Path, idx_path: Path) -> None:
         f.write(f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
 
 
-def _plan(fl, order: np.ndarray, shard_size: int, token_bytes: int, seed: int) -> int:
+def _plan(fl, shard_size: int, token_bytes: int, seed: int) -> int:
     """Samples per shard from the mean size of up to 2000 (seeded) files: no stat of every file."""
     pick = np.random.default_rng(seed + 1).choice(len(fl), size=min(len(fl), 2000), replace=False)
     sizes = []
@@ -220,7 +220,7 @@ def make_shards(filelist, out, *, root=None, token_store=None, shard_size: int =
                                  f"same command to finish them, or choose another --out")
         plan["samples_per_shard"] = old["samples_per_shard"]
     else:
-        plan["samples_per_shard"] = _plan(fl, order, shard_size, token_bytes, seed)
+        plan["samples_per_shard"] = _plan(fl, shard_size, token_bytes, seed)
         _write_json(out / PLAN, plan)
     sps = plan["samples_per_shard"]
     num = math.ceil(len(fl) / sps)
