@@ -201,6 +201,8 @@ def make_shards(filelist, out, *, root=None, token_store=None, shard_size: int =
     store = None
     if token_store is not None:
         store = TokenStore.open(token_store, filelist=fl)  # same images, complete
+    if out.exists() and not out.is_dir():
+        raise ShardMakeError(f"--out {out} is a file, not a folder: choose an empty folder")
     if out.exists() and any(out.iterdir()) and not (out / PLAN).is_file():
         raise ShardMakeError(f"--out {out} is not empty and holds no {PLAN} of make_shards: choose an empty folder")
     (out / PROGRESS).mkdir(parents=True, exist_ok=True)

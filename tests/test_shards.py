@@ -98,6 +98,8 @@ def test_make_shards_drops_broken_images_and_resumes(demo_workspace, tmp_path):
     assert os.stat(out / "shard-000000.tar").st_mtime_ns == t0  # finished shards are kept
     assert {p.name: p.read_bytes() for p in out.glob("shard-*")} == first  # and the redone ones are identical
     assert not list(out.glob("*.tmp*"))
+    with pytest.raises(ms.ShardMakeError, match="is not empty and holds no plan.json of make_shards"):
+        ms.make_shards(root / "list.txt", root, workers=1, progress=False)
     with pytest.raises(ms.ShardMakeError, match=r"holds shards made with other settings \(seed: 0 -> 1\)"):
         ms.make_shards(root / "list.txt", out, shard_size=20_000, seed=1, workers=1, progress=False)
 
@@ -126,6 +128,13 @@ def test_two_ranks_see_every_sample_once_per_epoch_with_labels_and_tokens(shards
     for ids in epochs.values():
         assert sorted(ids) == list(range(160))
     assert epochs[0] != epochs[1]  # reshuffled
+
+    # fine-tuning batches take their labels from the shards too
+    from mapet_ds.pipelines.shards import finetune_shard_loader
+
+    b = next(finetune_shard_loader(ws / "shards/train", img_size=64, batch_size=8, shard_id=0, num_shards=2, seed=0,
+                                   num_threads=1, device="cpu", rand_augment=None))
+    assert b["images"].shape == (8, 3, 64, 64) and torch.equal(b["labels"], labels[b["sample_ids"]])
 
     # state() after an epoch boundary: a loader rebuilt from it yields the same batches bitwise
     kw = dict(img_size=64, batch_size=8, shard_id=1, num_shards=2, seed=3, num_threads=1, device="cpu")
