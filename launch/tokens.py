@@ -7,6 +7,9 @@
     # assign (one or many processes: torchrun --nproc_per_node 8 launch/tokens.py assign ...)
     python launch/tokens.py assign --filelist train.txt --codebook tokenizers/kclip.pt --out tokens/train
     python launch/tokens.py stats --store tokens/train
+    # the same, then the list + its tokens as webdataset shards (data.train_shards=shards/train)
+    python launch/tokens.py assign --filelist train.txt --codebook tokenizers/kclip.pt --out tokens/train \
+        --shards-out shards/train --shard-size 1GB
 
 ``assign`` is resumable: rerun the same command after a kill and only unfinished
 chunks are redone. With several processes (RANK/WORLD_SIZE set, e.g. by torchrun)
@@ -105,9 +108,39 @@ def cmd_assign(a: argparse.Namespace) -> None:
     if store.complete:
         print(f"[assign] token store {a.out}: {store.num_images:,} x {store.grid}x{store.grid} tokens, complete")
         print(format_usage(code_usage(store.tokens, store.vocab)))
+    if a.shards_out and rank == 0:
+        _write_shards(a, filelist, store)
     else:
         left = store.num_chunks - len(store.done_chunks())
         print(f"[assign] rank {rank} done; {left} chunk(s) still being written by other ranks")
+
+
+def _write_shards(a: argparse.Namespace, filelist, store) -> None:
+    """``assign --shards-out DIR``: rank 0 waits for every rank's chunks, then packs the
+    list with its tokens into webdataset shards (data/make_shards.py, resumable)."""
+    import importlib.util
+    import sys
+    import time
+    from pathlib import Path
+
+    t0 = time.monotonic()
+    while not store.complete:
+        if time.monotonic() - t0 > 3600:
+            raise SystemExit(f"error: token store {a.out} still incomplete after 1 h: rerun assign to finish it")
+        time.sleep(2.0)
+    store.finalise()
+    path = Path(__file__).resolve().parents[1] / "data" / "make_shards.py"
+    spec = importlib.util.spec_from_file_location("mapet_data_make_shards", path)
+    ms = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = ms  # its worker processes unpickle functions from it
+    spec.loader.exec_module(ms)
+    try:
+        m = ms.make_shards(filelist.list_path, a.shards_out, root=a.root, token_store=a.out,
+                           shard_size=ms.parse_size(a.shard_size), workers=a.num_threads, progress=True)
+    except (ms.ShardMakeError, argparse.ArgumentTypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"[assign] {m['num_samples']:,} samples with their tokens in {len(m['shards'])} shard(s) under "
+          f"{a.shards_out} (tokenizer {m['tokenizer']['fingerprint'][:12]}, {m['num_dropped']} dropped by the check)")
 
 
 def cmd_stats(a: argparse.Namespace) -> None:
@@ -161,6 +194,9 @@ def main(argv=None) -> None:
     s.add_argument("--codebook", required=True)
     s.add_argument("--chunk-size", type=int, default=4096, help="images per resumable chunk")
     s.add_argument("--out", required=True, help="token store directory")
+    s.add_argument("--shards-out", default=None, help="also pack the list + tokens into webdataset shards here "
+                                                      "(data/make_shards.py; train with data.train_shards)")
+    s.add_argument("--shard-size", default="1GB", help="with --shards-out: bytes per shard, e.g. 1GB")
     s.set_defaults(fn=cmd_assign)
 
     t = sub.add_parser("stats", help="codebook usage of a token store")

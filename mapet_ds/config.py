@@ -107,6 +107,8 @@ class TokenizerConfig(_Section):
     clip_model: str = "RN50x64"
     input_size: Optional[int] = Field(None, gt=0)
     online: bool = False
+    # sha256 (or a prefix) of the tokenizer spec that shards must carry (their manifest.json)
+    fingerprint: Optional[str] = None
 
     @field_validator("vocab_size")
     @classmethod
@@ -160,6 +162,17 @@ class DataConfig(_Section):
     synthetic_samples: int = Field(10000, gt=0)
     # batches DALI prepares ahead of the training step (its prefetch_queue_depth)
     prefetch_queue_depth: int = Field(2, gt=0)
+    # webdataset shard folders (data/make_shards.py) instead of train_list / val_list
+    train_shards: Optional[str] = None
+    val_shards: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _lists_or_shards(self) -> "DataConfig":
+        for split in ("train", "val"):
+            if getattr(self, f"{split}_list") is not None and getattr(self, f"{split}_shards") is not None:
+                raise ValueError(f"set data.{split}_list or data.{split}_shards, not both "
+                                 f"(add data.{split}_list=null to read the shards)")
+        return self
 
     @field_validator("std")
     @classmethod

@@ -115,7 +115,8 @@ class ElasticResume:
     def load(self, engine, rank: int) -> tuple[dict, Optional[str]]:
         """Weights + optimizer into ``engine``; returns (client state, merged loader state)."""
         tag = self.tag_dir
-        loader_state = merged_loader_state(tag, self.saved["world_size"])  # refuses old states before converting
+        # refuses old states before converting
+        loader_state = merged_loader_state(tag, self.saved["world_size"], self.world_size, rank)
         if self.mode is None:  # fp32 ZeRO-0 both sides: DeepSpeed's own load is world-size free
             _, client = engine.load_checkpoint(str(tag.parent), tag=tag.name, load_optimizer_states=True,
                                                load_lr_scheduler_states=False)
@@ -218,8 +219,11 @@ def load_universal_into_plain(engine, uni: Path) -> None:
                     state[key] = t.view_as(p).to(p.device, torch.float32).clone()
 
 
-def merged_loader_state(tag_dir: Path, old_world: int) -> Optional[str]:
-    """All old ranks' loader states merged for a new world size (None: nothing to keep, e.g. synthetic)."""
+def merged_loader_state(tag_dir: Path, old_world: int, new_world: int, rank: int) -> Optional[str]:
+    """All old ranks' loader states merged for a new world size (None: nothing to keep, e.g. synthetic).
+
+    A shard-set loader on the same world size (only the ZeRO stage changed) keeps its own state.
+    """
     from mapet_ds.pipelines.loaders import STATE_FORMAT, merge_rank_states
 
     states = []
@@ -230,6 +234,8 @@ def merged_loader_state(tag_dir: Path, old_world: int) -> Optional[str]:
         states.append(torch.load(f, map_location="cpu", weights_only=False)["loader"])
     if f'"format": "{STATE_FORMAT}"' not in states[0]:
         return None
+    if old_world == new_world and str(json.loads(states[0]).get("kind", "")).endswith("_shards"):
+        return states[rank]
     return merge_rank_states(states)
 
 

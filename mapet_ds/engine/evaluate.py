@@ -36,6 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("checkpoint", help="run dir, checkpoint tag dir, best.pt or an exported file")
     ap.add_argument("--config", help="config with the model section (default: the run's config.yaml)")
     ap.add_argument("--filelist", help="eval file list (default: data.val_list of the config)")
+    ap.add_argument("--shards", help="eval shard folder (data/make_shards.py; default: data.val_shards)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     ap.add_argument("--knn", action="store_true", help="k-NN accuracy of the backbone (needs --train-list)")
@@ -56,15 +57,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise CheckpointError(f"{args.checkpoint} has no classifier head: fine-tune it first, or use --knn")
         cfg = load_config(_find_config(Path(args.checkpoint), meta, args.config), args.overrides)
         d = cfg.data
-        val_path = args.filelist or d.val_list
+        from mapet_ds.pipelines.shards import ShardSet, eval_shard_loader, open_shards
+
+        shards = args.shards or (None if args.filelist else d.val_shards)
+        val_path = shards or args.filelist or d.val_list
         if val_path is None:
-            raise ConfigError("no eval file list: pass --filelist or set data.val_list")
-        val = read_filelist(val_path, d.root)
+            raise ConfigError("no eval file list: pass --filelist (or --shards) or set data.val_list (or val_shards)")
+        val = open_shards(shards) if shards else read_filelist(val_path, d.root)
 
         def loader(fl):
-            return eval_loader(fl, img_size=cfg.model.img_size, batch_size=args.batch_size, shard_id=dist.rank,
-                               num_shards=dist.world_size, num_threads=d.num_threads, device=d.decode,
-                               crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
+            make = eval_shard_loader if isinstance(fl, ShardSet) else eval_loader
+            return make(fl, img_size=cfg.model.img_size, batch_size=args.batch_size, shard_id=dist.rank,
+                        num_shards=dist.world_size, num_threads=d.num_threads, device=d.decode,
+                        crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
 
         if args.knn:
             from mapet_ds.analysis.knn import extract_features, knn_eval
@@ -76,7 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))},
                                      strict=False)
             backbone.to(dist.device)
-            train = read_filelist(args.train_list or d.train_list, d.root)
+            train = (open_shards(d.train_shards) if d.train_shards and not args.train_list
+                     else read_filelist(args.train_list or d.train_list, d.root))
             tf, tl, _ = extract_features(backbone, loader(train), dist.device)
             vf, vl, _ = extract_features(backbone, loader(val), dist.device)
             res = knn_eval(tf, tl, vf, vl, k=args.k, num_classes=max(train.num_classes, val.num_classes))

@@ -175,20 +175,25 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
     from mapet_ds.pipelines import eval_loader, finetune_train_loader
 
     d, f = cfg.data, cfg.finetune
+    from mapet_ds.pipelines.shards import eval_shard_loader, finetune_shard_loader, open_shards
+
     check_run_dir(f.output_dir, [(d.train_list, "data.train_list"), (d.val_list, "data.val_list"),
+                                 (d.train_shards, "data.train_shards"), (d.val_shards, "data.val_shards"),
                                  (f.init, "finetune.init (the checkpoint fine-tuning starts from)")],
                   "finetune.output_dir")
-    if d.train_list is None or d.val_list is None:
-        raise ConfigError("data.train_list and data.val_list must both be set for fine-tuning")
-    train_fl = read_filelist(d.train_list, d.root)
-    val_fl = read_filelist(d.val_list, d.root)
+    if (d.train_list or d.train_shards) is None or (d.val_list or d.val_shards) is None:
+        raise ConfigError("data.train_list (or data.train_shards) and data.val_list (or data.val_shards) must both "
+                          "be set for fine-tuning")
+    # a shard set (data/make_shards.py) has num_classes/classes too; its loaders read labels from the shards
+    train_fl = open_shards(d.train_shards) if d.train_shards else read_filelist(d.train_list, d.root)
+    val_fl = open_shards(d.val_shards) if d.val_shards else read_filelist(d.val_list, d.root)
     num_classes = f.num_classes or max(train_fl.num_classes, val_fl.num_classes)
     torch.manual_seed(f.seed)
     model = build_classifier(cfg.model, num_classes)
     init_weights(model, f.init, dist)
 
     def build_loader(micro_batch: int, state: Optional[str]):
-        return finetune_train_loader(
+        return (finetune_shard_loader if d.train_shards else finetune_train_loader)(
             train_fl, img_size=cfg.model.img_size, batch_size=micro_batch, shard_id=dist.rank,
             num_shards=dist.world_size, seed=f.seed, num_threads=d.num_threads, device=d.decode,
             scale=d.scale, hflip=d.hflip, rand_augment=d.rand_augment, mean=d.mean, std=d.std, checkpoint=state,
@@ -196,9 +201,10 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
 
     def build_eval():
         micro = trainer.micro_batch
-        return eval_loader(val_fl, img_size=cfg.model.img_size, batch_size=micro, shard_id=dist.rank,
-                           num_shards=dist.world_size, num_threads=d.num_threads, device=d.decode,
-                           crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
+        make = eval_shard_loader if d.val_shards else eval_loader
+        return make(val_fl, img_size=cfg.model.img_size, batch_size=micro, shard_id=dist.rank,
+                    num_shards=dist.world_size, num_threads=d.num_threads, device=d.decode,
+                    crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
 
     step = FinetuneStep(cfg, dist, num_classes, build_eval, val_fl.classes)
     flops = classifier_forward_flops(cfg.model, num_classes)

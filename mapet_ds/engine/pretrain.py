@@ -72,6 +72,8 @@ class PretrainStep:
         if self.online_tokenizer is not None:
             with torch.no_grad():
                 tokens = self.online_tokenizer.tokenize(batch["tok_images"].to(device))
+        elif "tokens" in batch:  # shards: the token rows travel with the images
+            tokens = batch["tokens"].to(device, non_blocking=True).long()
         else:
             tokens = self.token_table[_to_device(batch["sample_ids"], device)].long()
         images = images.to(self.trainer.dtype)
@@ -202,6 +204,8 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
 
     d = cfg.data
     check_run_dir(cfg.pretrain.output_dir, [(d.train_list, "data.train_list"), (d.val_list, "data.val_list"),
+                                            (d.train_shards, "data.train_shards"),
+                                            (d.val_shards, "data.val_shards"),
                                             (cfg.tokenizer.token_store, "tokenizer.token_store"),
                                             (cfg.tokenizer.weights, "tokenizer.weights")], "pretrain.output_dir")
     online = cfg.tokenizer.online or cfg.tokenizer.kind in ("vqkd", "dvae")
@@ -211,9 +215,24 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
         fl, tokenizer = None, None
         table = synthetic_token_table(d.synthetic_samples, cfg.model.grid, cfg.tokenizer.vocab_size, dist.device,
                                       cfg.pretrain.seed)
+    elif d.train_shards is not None:
+        # no file list and no token table: labels and tokens come out of the shards
+        from mapet_ds.pipelines.shards import check_tokens, open_shards
+
+        shards = open_shards(d.train_shards)
+        tokenizer = build_online_tokenizer(cfg, dist.device) if online else None
+        if not online:
+            tk = cfg.tokenizer
+            from mapet_ds.pipelines.graphs import pretrain_view_spec
+
+            check_tokens(shards, grid=cfg.model.grid, vocab=tk.vocab_size, kind=tk.kind, fingerprint=tk.fingerprint,
+                         codebook=tk.codebook, token_store=tk.token_store,
+                         view=pretrain_view_spec(d.random_resized_crop))
+        fl, table = None, None
     else:
         if d.train_list is None:
-            raise ConfigError("data.train_list is not set: point it at a file list (data/make_filelist.py)")
+            raise ConfigError("data.train_list is not set: point it at a file list (data/make_filelist.py) "
+                              "or data.train_shards at shards (data/make_shards.py)")
         fl = read_filelist(d.train_list, d.root)
         tokenizer = build_online_tokenizer(cfg, dist.device) if online else None
         table = None if online else load_token_table(cfg, fl, dist.device)
@@ -226,6 +245,17 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
             return SyntheticLoader(batch_size=micro_batch, img_size=cfg.model.img_size,
                                    num_samples=d.synthetic_samples, device=dist.device, seed=cfg.pretrain.seed,
                                    rank=dist.rank, checkpoint=state)
+        if d.train_shards is not None:
+            from mapet_ds.pipelines.shards import pretrain_shard_loader
+
+            return pretrain_shard_loader(
+                shards, img_size=cfg.model.img_size, batch_size=micro_batch, shard_id=dist.rank,
+                num_shards=dist.world_size, seed=cfg.pretrain.seed, num_threads=d.num_threads, device=d.decode,
+                color_jitter=d.color_jitter, mean=d.mean, std=d.std,
+                tokenizer_view_size=tokenizer.input_size if tokenizer is not None else None,
+                random_resized_crop=d.random_resized_crop, tokens=tokenizer is None, checkpoint=state,
+                prefetch_queue_depth=d.prefetch_queue_depth,
+            )
         return pretrain_loader(
             fl, img_size=cfg.model.img_size, batch_size=micro_batch, shard_id=dist.rank,
             num_shards=dist.world_size, seed=cfg.pretrain.seed, num_threads=d.num_threads, device=d.decode,

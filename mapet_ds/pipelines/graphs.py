@@ -90,18 +90,22 @@ def build_tokenizer_view(fl: FileList, *, size: int, batch_size: int, shard_id: 
 def build_pretrain(fl: FileList, *, img_size: int, batch_size: int, shard_id: int, num_shards: int, seed: int,
                    num_threads: int, mode: str, color_jitter: float, mean: Sequence[float], std: Sequence[float],
                    tokenizer_view_size: int | None, random_resized_crop: bool, checkpoint: bytes | None,
-                   prefetch_queue_depth: int = 2):
+                   prefetch_queue_depth: int = 2, reader: Callable[[], tuple] | None = None):
     """Pre-training views. -> images float32 [B,3,S,S] normalised, ids [B], tok uint8 [B,3,T,T].
 
     Default (offline tokens): the tokenizer's centre square crop + colour jitter, no flip.
     ``random_resized_crop``: one RRC window + one flip coin shared by both views (online
     tokenizers). The colour jitter factors are drawn once per sample and applied to
     both views, so the tokenizer view shows the same pixels as the ViT input.
+
+    ``reader`` (shards): returns (encoded images, ids, *extra) instead of the file reader;
+    the extra outputs (labels, tokens) are appended to the pipeline's outputs.
     """
     from nvidia.dali import fn, types
 
     def graph():
-        jpegs, ids = C.file_reader(fl, shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed)
+        jpegs, ids, *extra = reader() if reader is not None else \
+            C.file_reader(fl, shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed)
         flip = None
         if random_resized_crop:
             img = fn.decoders.image_random_crop(jpegs, device=mode, output_type=types.RGB,
@@ -122,7 +126,7 @@ def build_pretrain(fl: FileList, *, img_size: int, batch_size: int, shard_id: in
         if tokenizer_view_size:
             tok = views[1] if flip is None else fn.flip(views[1], horizontal=flip)
             outs.append(C.to_chw_uint8(tok))
-        return tuple(outs)
+        return tuple(outs) + tuple(extra)
 
     return _build(graph, batch_size=batch_size, num_threads=num_threads, mode=mode,
                   seed=C.rank_seed(seed, shard_id, salt=1), checkpoint=checkpoint, checkpointing=True,
@@ -133,15 +137,17 @@ def build_finetune_train(fl: FileList, *, img_size: int, batch_size: int, shard_
                          seed: int, num_threads: int, mode: str, scale: Sequence[float], ratio: Sequence[float],
                          hflip: float, rand_augment: RandAugmentSpec | None, mean: Sequence[float],
                          std: Sequence[float], checkpoint: bytes | None, interpolation: str = "bicubic",
-                         prefetch_queue_depth: int = 2):
+                         prefetch_queue_depth: int = 2, reader: Callable[[], tuple] | None = None):
     """RRC (resized with ``interpolation``, timm's RandomResizedCropAndInterpolation) + flip +
-    RandAugment + normalise. -> images float32 [B,3,S,S], ids [B]."""
+    RandAugment + normalise. -> images float32 [B,3,S,S], ids [B] (+ the ``reader``'s extra
+    outputs, as in build_pretrain)."""
     from nvidia.dali import fn, types
 
     interp = _interp(interpolation)
 
     def graph():
-        jpegs, ids = C.file_reader(fl, shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed)
+        jpegs, ids, *extra = reader() if reader is not None else \
+            C.file_reader(fl, shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed)
         img = fn.decoders.image_random_crop(jpegs, device=mode, output_type=types.RGB,
                                             random_area=list(scale), random_aspect_ratio=list(ratio),
                                             num_attempts=10)
@@ -149,7 +155,7 @@ def build_finetune_train(fl: FileList, *, img_size: int, batch_size: int, shard_
         if rand_augment is not None:
             img = apply_rand_augment(img, rand_augment, img_size=img_size)
         flip = fn.random.coin_flip(probability=hflip) if hflip > 0 else None
-        return C.normalize_chw(img, mean=mean, std=std, mirror=flip), ids
+        return (C.normalize_chw(img, mean=mean, std=std, mirror=flip), ids, *extra)
 
     return _build(graph, batch_size=batch_size, num_threads=num_threads, mode=mode,
                   seed=C.rank_seed(seed, shard_id, salt=2), checkpoint=checkpoint, checkpointing=True,
@@ -157,7 +163,8 @@ def build_finetune_train(fl: FileList, *, img_size: int, batch_size: int, shard_
 
 
 def build_eval(fl: FileList, *, img_size: int, batch_size: int, shard_id: int, num_shards: int, num_threads: int,
-               mode: str, scale_size: int, interpolation: str, mean: Sequence[float], std: Sequence[float]):
+               mode: str, scale_size: int, interpolation: str, mean: Sequence[float], std: Sequence[float],
+               reader: Callable[[], tuple] | None = None):
     """Resize shorter side to ``scale_size`` (antialiased), centre crop ``img_size``, normalise.
 
     -> images float32 [B,3,S,S], ids [B]; file-list order within the shard.
@@ -165,9 +172,10 @@ def build_eval(fl: FileList, *, img_size: int, batch_size: int, shard_id: int, n
     interp = _interp(interpolation)
 
     def graph():
-        jpegs, ids = C.file_reader(fl, shard_id=shard_id, num_shards=num_shards, shuffle_seed=None)
+        jpegs, ids, *extra = reader() if reader is not None else \
+            C.file_reader(fl, shard_id=shard_id, num_shards=num_shards, shuffle_seed=None)
         img = C.decode_resize_shorter_center_crop(jpegs, mode, scale_size=scale_size, crop=img_size, interp=interp)
-        return C.normalize_chw(img, mean=mean, std=std), ids
+        return (C.normalize_chw(img, mean=mean, std=std), ids, *extra)
 
     return _build(graph, batch_size=batch_size, num_threads=num_threads, mode=mode, seed=0, checkpoint=None,
                   checkpointing=False)

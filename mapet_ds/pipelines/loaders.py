@@ -225,6 +225,10 @@ def merge_rank_states(states: Sequence[str]) -> str:
     used-id bitmaps is what the interrupted epoch has already consumed.
     """
     sts = [json.loads(s) for s in states]
+    if sts and str(sts[0].get("kind", "")).endswith("_shards"):
+        # a shard reader's position is inside DALI's shuffle buffer: which samples it used is not recorded
+        raise ValueError(f"a run on shards (data.train_shards) resumes only on the world size it was saved with: "
+                         f"start it on {len(sts)} rank(s)")
     if not sts or any(st.get("format") != STATE_FORMAT or "used" not in st for st in sts):
         raise ValueError("loader states of this checkpoint predate elastic resume (no used-sample record): "
                          "resume it on the world size it was saved with")

@@ -199,7 +199,7 @@ class TokenStore:
                 f"model's vocab to {meta['vocab']}, or {FIX}"
             )
         if view is not None:
-            _check_view(path, meta, view)
+            view_mismatch(f"token store {path}", meta, view, FIX, TokenStoreError)
         store = cls(path, meta)
         if not allow_incomplete and not store.complete:
             done = int(store.complete_rows().sum())
@@ -262,19 +262,21 @@ class TokenStore:
         return True
 
 
-def _check_view(path: str, meta: dict, view: dict[str, Any]) -> None:
+def view_mismatch(where: str, meta: dict, view: dict[str, Any], fix: str, error: type[Exception]) -> None:
+    """Raise ``error`` (one line) when the tokenizer view recorded in ``meta`` differs from
+    the training ``view``; ``where`` names the store or shard set, ``fix`` how to remake it."""
     stored = meta.get("view")
     if stored is None:
         stored = LEGACY_VIEW
-        warnings.warn(f"token store {path} records no tokenizer view (written before views were recorded): assuming "
+        warnings.warn(f"{where} records no tokenizer view (written before views were recorded): assuming "
                       f"the {LEGACY_VIEW['crop']} crop, {LEGACY_VIEW['interpolation']}, that `launch/tokens.py assign` "
                       f"has always used", stacklevel=3)
     diff = [f"{k} {stored.get(k)!r} vs {v!r}" for k, v in view.items() if stored.get(k) != v]
     if diff:
-        raise TokenStoreError(
-            f"token store {path} holds tokens of another view than training uses ({', '.join(diff)}): every target "
-            f"would belong to other pixels than its patch; train on the store's view (data.random_resized_crop=false "
-            f"for a centre_square store) or {FIX} from the training view"
+        raise error(
+            f"{where} holds tokens of another view than training uses ({', '.join(diff)}): every target "
+            f"would belong to other pixels than its patch; train on the tokens' view (data.random_resized_crop=false "
+            f"for a centre_square view) or {fix} from the training view"
         )
 
 
@@ -431,3 +433,11 @@ def _short(spec: dict) -> str:
     """A few words naming a tokenizer spec for error messages."""
     cb = (spec.get("codebook") or {}).get("centroids_sha256") or spec.get("weights_sha256") or ""
     return f"{spec.get('kind')}, {cb[:12]}" if cb else str(spec.get("kind"))
+
+
+def spec_fingerprint(spec: dict) -> str:
+    """sha256 of a tokenizer spec without file locations: what the tokens were made with.
+
+    Shards carry it in their manifest; a recipe can pin it (``tokenizer.fingerprint``).
+    """
+    return hashlib.sha256(json.dumps(_identity(spec), sort_keys=True).encode()).hexdigest()
