@@ -67,7 +67,8 @@ def test_truncated_jpeg_in_an_unscanned_list_one_line_for_two_ranks(ws):
     [line] = _error_lines(proc.stderr)  # the rank that read the file says so; its peer stays silent
     assert line.startswith(("error: DALI pipeline over data/train.txt failed: ",
                             "error: [rank 1] DALI pipeline over data/train.txt failed: "))
-    assert rel in line and "(run data/scan.py on the list to drop or repair broken images)" in line
+    assert rel in line and line.endswith("(run data/scan.py data/train.txt --out <dir> to drop or repair broken "
+                                         "files, then use its clean list)")
 
 
 def test_missing_and_unreadable_inputs_one_line(ws):

@@ -208,6 +208,15 @@ def test_mismatched_shards_are_refused_in_one_line(shards, tmp_path):
                     ({"fingerprint": "0123abcd"}, "does not match tokenizer.fingerprint=0123abcd")]:
         with pytest.raises(ShardSetError, match=msg):
             check_tokens(ss, **{"grid": 4, "vocab": 64, **kw})
+    # the store's tokenizer view travels in the manifest; a random-resized-crop run is refused
+    from mapet_ds.pipelines.graphs import pretrain_view_spec
+
+    store_view = json.loads((ws / "tokens/meta.json").read_text())["view"]
+    assert ss.tokenizer["view"] == store_view and store_view["crop"] == "center_square"
+    check_tokens(ss, grid=4, vocab=64, view=pretrain_view_spec(False))
+    with pytest.raises(ShardSetError, match=r"holds tokens of another view than training uses \(crop "
+                                            r"'center_square' vs 'random_resized_crop'\)"):
+        check_tokens(ss, grid=4, vocab=64, view=pretrain_view_spec(True))
     with pytest.raises(ShardSetError, match="carries no tokens"):
         check_tokens(open_shards(ws / "shards/val"), grid=4, vocab=64)
     with pytest.raises(ShardSetError, match=r"no shard set at .*nope \(no manifest.json\)"):
@@ -223,3 +232,14 @@ def test_tokens_assign_writes_the_same_shards(shards):
     assert "160 samples with their tokens in" in proc.stdout
     made = {p.name: p.read_bytes() for p in (ws / "shards/train").glob("shard-*")}
     assert {p.name: p.read_bytes() for p in (ws / "shards/via_assign").glob("shard-*")} == made
+
+
+def test_shard_loader_states_are_not_resharded():
+    """An elastic resume of a shard run on another world size is refused in one line: which
+    samples a shard reader used sits in DALI's shuffle buffer, not in its state."""
+    from mapet_ds.pipelines.loaders import STATE_FORMAT, merge_rank_states
+
+    states = [json.dumps({"format": STATE_FORMAT, "kind": "pretrain_shards", "epoch": 0, "step": 3})] * 2
+    with pytest.raises(ValueError, match=r"^a run on shards \(data.train_shards\) resumes only on the world size it "
+                                         r"was saved with: start it on 2 rank\(s\)$"):
+        merge_rank_states(states)

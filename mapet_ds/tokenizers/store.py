@@ -275,8 +275,8 @@ def view_mismatch(where: str, meta: dict, view: dict[str, Any], fix: str, error:
     if diff:
         raise error(
             f"{where} holds tokens of another view than training uses ({', '.join(diff)}): every target "
-            f"would belong to other pixels than its patch; train on the tokens' view (data.random_resized_crop=false "
-            f"for a centre_square view) or {fix} from the training view"
+            f"would belong to other pixels than its patch; train on the store's view (data.random_resized_crop=false "
+            f"for a centre_square store) or {fix} from the training view"
         )
 
 
