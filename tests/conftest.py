@@ -1,4 +1,8 @@
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,11 +18,14 @@ def tiny_model_cfg():
     return ModelConfig(size=None, embed_dim=48, depth=2, num_heads=3, img_size=64, patch_size=16, drop_path=0.0)
 
 
-import subprocess
-import sys
-from pathlib import Path
-
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A free local TCP port for a launcher's --master_port (tests run side by side)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def load_data_tool(name: str):

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_py
-from test_finetune_engine import _port
+from conftest import REPO, free_port, run_py
 from test_pretrain_engine import _losses
 
 PRETRAIN = REPO / "launch/pretrain.py"
@@ -79,7 +78,7 @@ def _expected_lr(ws: Path, step: int, total: int, steps_per_epoch: int) -> float
 
 def _launch(args, cwd, env=None, nproc=2):
     """The real DeepSpeed launcher on ``nproc`` CPU ranks; returns the CompletedProcess (any exit code)."""
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_port()),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
            *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))

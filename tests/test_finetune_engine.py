@@ -3,27 +3,21 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_py
+from conftest import REPO, free_port, run_py
 
 from mapet_ds.config import load_config
 
 ZERO2 = REPO / "ds_configs/zero2.json"
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _deepspeed(args, cwd, nproc=2):
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_port()),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
            *map(str, args)]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_py
+from conftest import REPO, free_port, run_py
 
 from mapet_ds.engine import errors
 
@@ -19,16 +18,11 @@ PRETRAIN = REPO / "launch/pretrain.py"
 ZERO2 = REPO / "ds_configs/zero2.json"
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _two_ranks(ws, *overrides):
     deepspeed = Path(sys.executable).parent / "deepspeed"
     return subprocess.run(
-        [str(deepspeed), "--num_gpus", "2", "--master_port", str(_port()), str(PRETRAIN), "--ds_config", str(ZERO2),
+        [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(PRETRAIN), "--ds_config", str(ZERO2),
          "--config", "pretrain.yaml", "pretrain.output_dir=runs/err", "pretrain.max_steps=12", *overrides],
         cwd=ws, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 

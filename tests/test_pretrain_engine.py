@@ -2,23 +2,17 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_py
+from conftest import REPO, free_port, run_py
 
 PRETRAIN = REPO / "launch/pretrain.py"
 ZERO2 = REPO / "ds_configs/zero2.json"
 
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(run_dir):
@@ -38,7 +32,7 @@ def test_two_ranks_deepspeed_launcher_zero2(demo_workspace):
     deepspeed = Path(sys.executable).parent / "deepspeed"
     out = "runs/ds2"
     proc = subprocess.run(
-        [str(deepspeed), "--num_gpus", "2", "--master_port", str(_port()), str(PRETRAIN),
+        [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(PRETRAIN),
          "--ds_config", str(ZERO2), "--config", "pretrain.yaml", f"pretrain.output_dir={out}",
          "pretrain.max_steps=12", "pretrain.save_every=6", "pretrain.vis_every=6"],
         cwd=ws, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -148,7 +142,7 @@ def test_zero0_matches_zero2_and_synthetic_data(demo_workspace):
                    "tokenizer.token_store=null", "pretrain.vis_every=2"], cwd=ws)
     recs = _losses(ws / "runs/synth")
     assert [r["step"] for r in recs] == [1, 2, 3, 4] and all(3.0 < r["loss"] < 6.0 for r in recs)
-    assert "from scratch: step 0/4" in proc.stdout
+    assert "new run: step 0/4" in proc.stdout
     assert not (ws / "runs/synth/vis").exists()  # no file list, so no fixed images to draw
 
 
@@ -157,7 +151,7 @@ def test_hostfile_two_nodes_on_localhost(demo_workspace, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    port = _port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [str(deepspeed), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r),

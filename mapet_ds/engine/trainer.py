@@ -156,7 +156,7 @@ class Trainer:
         if os.environ.get("MAPET_DEBUG_SAMPLES"):  # tests: which sample ids each rank trained on
             self._sample_log = open(f"{os.environ['MAPET_DEBUG_SAMPLES']}.rank{dist.rank}", "a", encoding="utf-8")
         if dist.is_main:
-            how = f"resumed from {tag_dir}" if tag_dir else "from scratch"
+            how = f"resumed from {tag_dir}" if tag_dir else "new run"
             print(f"[{section}] {how}: step {self.state.step}/{self.total_steps}, "
                   f"{self.steps_per_epoch} steps/epoch, micro batch {self.micro_batch} x accum "
                   f"{self.grad_accum} x {dist.world_size} rank(s), {self.precision}, ZeRO "

@@ -30,7 +30,34 @@ ELASTIC_FORMAT = "mapet_ds.pipelines/elastic1"
 _LAYOUT_KEYS = ("batch_size", "shard_id", "num_shards")
 
 
-class TrainLoader:
+class EpochPosition:
+    """Position of an endless training loader: ``_epoch``, ``_step`` (batches taken in it)
+    and ``_epoch_len`` (batches in the current epoch), kept by the subclass."""
+
+    steps_per_epoch: int
+    _epoch: int
+    _step: int
+    _epoch_len: int
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch."""
+        return self._epoch + (self._step >= self._epoch_len)
+
+    @property
+    def step_in_epoch(self) -> int:
+        """Index within its epoch of the next batch."""
+        return self._step if self._step < self._epoch_len else 0
+
+    @property
+    def batches_returned(self) -> int:
+        return self._epoch * self.steps_per_epoch + self._step
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+
+class TrainLoader(EpochPosition):
     """Endless training batches from one DALI pipeline; epochs reshuffled from ``seed``.
 
     Every rank yields ``steps_per_epoch = (len(list) // num_shards) // batch_size``
@@ -106,25 +133,7 @@ class TrainLoader:
             return self._build(dali_ckpt, seed=self._derived_seed(2, self._reseed_epoch))
         return self._build(dali_ckpt)
 
-    # -- position -------------------------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        """Epoch of the next batch."""
-        return self._epoch + (self._step >= self._epoch_len)
-
-    @property
-    def step_in_epoch(self) -> int:
-        """Index within its epoch of the next batch."""
-        return self._step % self._epoch_len if self._step < self._epoch_len else 0
-
-    @property
-    def batches_returned(self) -> int:
-        return self._epoch * self.steps_per_epoch + self._step
-
     # -- iteration --------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
     def __next__(self) -> dict:
         if self._step >= self._epoch_len:
             if self._tail_base is not None:

@@ -36,7 +36,7 @@ import torch
 from mapet_ds.filelist import shard_indices
 from mapet_ds.pipelines import common as C
 from mapet_ds.pipelines import graphs as G
-from mapet_ds.pipelines.loaders import STATE_FORMAT
+from mapet_ds.pipelines.loaders import STATE_FORMAT, EpochPosition
 from mapet_ds.pipelines.randaugment import parse_rand_augment
 
 # the shard-set format and its checks live in shardset.py; re-exported here
@@ -103,7 +103,7 @@ def epoch_order(num_tars: int, seed: int, epoch: int) -> list[int]:
     return [int(t) for t in np.random.default_rng([abs(int(seed)), int(epoch)]).permutation(num_tars)]
 
 
-class ShardTrainLoader:
+class ShardTrainLoader(EpochPosition):
     """Endless training batches over a shard set; TrainLoader's contract (``steps_per_epoch``,
     ``epoch``, ``state()``/``checkpoint=``), labels and tokens from the shards.
 
@@ -133,7 +133,7 @@ class ShardTrainLoader:
         self._device = C.torch_device(mode)
         self._tmp = tempfile.mkdtemp(prefix="mapet_shards_")
         weakref.finalize(self, shutil.rmtree, self._tmp, True)
-        self._epoch, self._step = 0, 0
+        self._epoch, self._step, self._epoch_len = 0, 0, self.steps_per_epoch
         dali = self._load_state(checkpoint) if checkpoint is not None else None
         self._pipe = self._epoch_pipeline(self._epoch, dali)
 
@@ -142,21 +142,6 @@ class ShardTrainLoader:
                                 self.num_shards, self._tmp, f"e{epoch}")
         # augmentation streams: distinct per epoch (and per rank, inside the graph builder)
         return self._build(paths, idxs, C.rank_seed(self._seed, epoch, salt=3), dali)
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch + (self._step >= self.steps_per_epoch)
-
-    @property
-    def step_in_epoch(self) -> int:
-        return self._step % self.steps_per_epoch
-
-    @property
-    def batches_returned(self) -> int:
-        return self._epoch * self.steps_per_epoch + self._step
-
-    def __iter__(self) -> Iterator[dict]:
-        return self
 
     def __next__(self) -> dict:
         if self._step >= self.steps_per_epoch:
