@@ -77,6 +77,13 @@ def check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
 
 
+def checked_mode(batch_size: int, shard_id: int, num_shards: int, device: str) -> str:
+    """A loader builder's common checks; -> DALI mode ("mixed" or "cpu")."""
+    check_batch_size(batch_size)
+    check_shard(shard_id, num_shards)
+    return resolve_device(device)
+
+
 def shard_size(n: int, shard_id: int, num_shards: int) -> int:
     """Samples in one rank's shard (DALI splits ``range(n)`` as ``shard_indices`` does)."""
     return len(shard_indices(n, shard_id, num_shards))

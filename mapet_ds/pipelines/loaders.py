@@ -21,7 +21,7 @@ import torch
 from mapet_ds.filelist import FileList, shard_indices
 from mapet_ds.pipelines import common as C
 from mapet_ds.pipelines import graphs as G
-from mapet_ds.pipelines.randaugment import parse_rand_augment
+from mapet_ds.pipelines.randaugment import RandAugmentSpec, parse_rand_augment
 
 STATE_FORMAT = "mapet_ds.pipelines/1"
 # A loader state merged from every rank of another world size (``merge_rank_states``).
@@ -404,10 +404,8 @@ def pretrain_loader(filelist: str | os.PathLike | FileList, *, img_size: int, ba
     ``prefetch_queue_depth``: batches DALI prepares ahead (not part of the resume state).
     """
     fl, mode = _prepare(filelist, batch_size, shard_id, num_shards, device)
-    if color_jitter < 0:
-        raise ValueError(f"color_jitter={color_jitter}: must be >= 0")
-    kw = dict(img_size=img_size, color_jitter=color_jitter, mean=list(mean), std=list(std),
-              tokenizer_view_size=tokenizer_view_size, random_resized_crop=random_resized_crop)
+    kw = pretrain_view(img_size=img_size, color_jitter=color_jitter, mean=mean, std=std,
+                       tokenizer_view_size=tokenizer_view_size, random_resized_crop=random_resized_crop)
     return TrainLoader(
         kind="pretrain", fl=fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
         signature={"seed": seed, **kw}, outputs=G.pretrain_outputs(bool(tokenizer_view_size)), with_labels=False,
@@ -433,11 +431,8 @@ def finetune_train_loader(filelist: str | os.PathLike | FileList, *, img_size: i
     timm-style RandAugment string or None; mixup/cutmix/erasing belong to the step.
     """
     fl, mode = _prepare(filelist, batch_size, shard_id, num_shards, device)
-    ra = parse_rand_augment(rand_augment) if rand_augment else None
-    if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"scale={tuple(scale)}, ratio={tuple(ratio)}: need 0 < lo <= hi (scale hi <= 1)")
-    kw = dict(img_size=img_size, scale=list(scale), ratio=list(ratio), hflip=hflip, mean=list(mean), std=list(std),
-              interpolation=interpolation)
+    kw, ra = finetune_view(img_size=img_size, scale=scale, ratio=ratio, hflip=hflip, mean=mean, std=std,
+                           interpolation=interpolation, rand_augment=rand_augment)
     return TrainLoader(
         kind="finetune_train", fl=fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
         signature={"seed": seed, "rand_augment": rand_augment, **kw}, outputs=G.FINETUNE_OUTPUTS, with_labels=True,
@@ -455,9 +450,7 @@ def eval_loader(filelist: str | os.PathLike | FileList, *, img_size: int, batch_
     centre crop ``img_size``, normalise — timm's eval transform. Each batch: images float32
     [B,3,S,S], labels int64 [B], sample_ids int64 [B] (CPU), valid bool [B]."""
     fl, mode = _prepare(filelist, batch_size, shard_id, num_shards, device)
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct={crop_pct}: must be in (0, 1]")
-    scale_size = math.floor(img_size / crop_pct)
+    scale_size = eval_scale_size(img_size, crop_pct)
     return EvalLoader(
         fl=fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
         image_shape=(3, img_size, img_size),
@@ -466,8 +459,36 @@ def eval_loader(filelist: str | os.PathLike | FileList, *, img_size: int, batch_
                                    interpolation=interpolation, mean=mean, std=std))
 
 
+# Checked view arguments, shared with the shard builders (pipelines/shards.py).
+
+def pretrain_view(*, img_size: int, color_jitter: float, mean: Sequence[float], std: Sequence[float],
+                  tokenizer_view_size: int | None, random_resized_crop: bool) -> dict:
+    """``build_pretrain``'s view keywords (also the loader's signature), checked."""
+    if color_jitter < 0:
+        raise ValueError(f"color_jitter={color_jitter}: must be >= 0")
+    return dict(img_size=img_size, color_jitter=color_jitter, mean=list(mean), std=list(std),
+                tokenizer_view_size=tokenizer_view_size, random_resized_crop=random_resized_crop)
+
+
+def finetune_view(*, img_size: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
+                  mean: Sequence[float], std: Sequence[float], interpolation: str,
+                  rand_augment: str | None) -> tuple[dict, RandAugmentSpec | None]:
+    """``build_finetune_train``'s view keywords (also the loader's signature), checked, and
+    the parsed RandAugment string."""
+    ra = parse_rand_augment(rand_augment) if rand_augment else None
+    if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"scale={tuple(scale)}, ratio={tuple(ratio)}: need 0 < lo <= hi (scale hi <= 1)")
+    return dict(img_size=img_size, scale=list(scale), ratio=list(ratio), hflip=hflip, mean=list(mean),
+                std=list(std), interpolation=interpolation), ra
+
+
+def eval_scale_size(img_size: int, crop_pct: float) -> int:
+    """Shorter side before the centre crop (timm: ``floor(img_size / crop_pct)``)."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct={crop_pct}: must be in (0, 1]")
+    return math.floor(img_size / crop_pct)
+
+
 def _prepare(filelist, batch_size: int, shard_id: int, num_shards: int, device: str) -> tuple[FileList, str]:
-    C.check_batch_size(batch_size)
-    C.check_shard(shard_id, num_shards)
-    mode = C.resolve_device(device)
+    mode = C.checked_mode(batch_size, shard_id, num_shards, device)
     return C.load_filelist(filelist), mode

@@ -36,8 +36,7 @@ import torch
 from mapet_ds.filelist import shard_indices
 from mapet_ds.pipelines import common as C
 from mapet_ds.pipelines import graphs as G
-from mapet_ds.pipelines.loaders import STATE_FORMAT, EpochPosition
-from mapet_ds.pipelines.randaugment import parse_rand_augment
+from mapet_ds.pipelines.loaders import STATE_FORMAT, EpochPosition, eval_scale_size, finetune_view, pretrain_view
 
 # the shard-set format and its checks live in shardset.py; re-exported here
 from mapet_ds.pipelines.shardset import (  # noqa: E402,F401
@@ -246,10 +245,8 @@ def pretrain_shard_loader(shards: str | os.PathLike | ShardSet, *, img_size: int
     ss, mode = _prepare(shards, batch_size, shard_id, num_shards, device)
     if tokens and ss.tokenizer is None:
         raise ShardSetError(f"shard set {ss.path} carries no tokens: make it with data/make_shards.py --token-store")
-    if color_jitter < 0:
-        raise ValueError(f"color_jitter={color_jitter}: must be >= 0")
-    kw = dict(img_size=img_size, color_jitter=color_jitter, mean=list(mean), std=list(std),
-              tokenizer_view_size=tokenizer_view_size, random_resized_crop=random_resized_crop)
+    kw = pretrain_view(img_size=img_size, color_jitter=color_jitter, mean=mean, std=std,
+                       tokenizer_view_size=tokenizer_view_size, random_resized_crop=random_resized_crop)
     outputs = G.pretrain_outputs(bool(tokenizer_view_size)) + ("labels",) + (("tokens",) if tokens else ())
     return ShardTrainLoader(
         kind="pretrain_shards", ss=ss, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
@@ -270,11 +267,8 @@ def finetune_shard_loader(shards: str | os.PathLike | ShardSet, *, img_size: int
                           prefetch_queue_depth: int = 2) -> ShardTrainLoader:
     """finetune_train_loader over shards; labels come from the shards."""
     ss, mode = _prepare(shards, batch_size, shard_id, num_shards, device)
-    ra = parse_rand_augment(rand_augment) if rand_augment else None
-    if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"scale={tuple(scale)}, ratio={tuple(ratio)}: need 0 < lo <= hi (scale hi <= 1)")
-    kw = dict(img_size=img_size, scale=list(scale), ratio=list(ratio), hflip=hflip, mean=list(mean), std=list(std),
-              interpolation=interpolation)
+    kw, ra = finetune_view(img_size=img_size, scale=scale, ratio=ratio, hflip=hflip, mean=mean, std=std,
+                           interpolation=interpolation, rand_augment=rand_augment)
     return ShardTrainLoader(
         kind="finetune_train_shards", ss=ss, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
         mode=mode, seed=seed, signature={"rand_augment": rand_augment, **kw},
@@ -292,9 +286,7 @@ def eval_shard_loader(shards: str | os.PathLike | ShardSet, *, img_size: int, ba
                       std: Sequence[float] = C.IMAGENET_DEFAULT_STD) -> ShardEvalLoader:
     """eval_loader over shards (timm's eval transform; valid mask over the padding)."""
     ss, mode = _prepare(shards, batch_size, shard_id, num_shards, device)
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct={crop_pct}: must be in (0, 1]")
-    scale_size = math.floor(img_size / crop_pct)
+    scale_size = eval_scale_size(img_size, crop_pct)
     return ShardEvalLoader(
         ss=ss, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
         image_shape=(3, img_size, img_size),
@@ -306,7 +298,5 @@ def eval_shard_loader(shards: str | os.PathLike | ShardSet, *, img_size: int, ba
 
 
 def _prepare(shards, batch_size: int, shard_id: int, num_shards: int, device: str) -> tuple[ShardSet, str]:
-    C.check_batch_size(batch_size)
-    C.check_shard(shard_id, num_shards)
-    mode = C.resolve_device(device)
+    mode = C.checked_mode(batch_size, shard_id, num_shards, device)
     return open_shards(shards), mode
