@@ -38,7 +38,8 @@ def pretrain_outputs(with_tok_view: bool) -> tuple[str, ...]:
 
 
 def _build(graph: Callable[[], tuple], *, batch_size: int, num_threads: int, mode: str, seed: int,
-           checkpoint: bytes | None, checkpointing: bool, conditionals: bool = False, prefetch_queue_depth: int = 2):
+           checkpoint: bytes | None, checkpointing: bool, conditionals: bool = False,
+           prefetch_queue_depth: int = C.PREFETCH_DEPTH):
     """Trace ``graph`` (a function returning the pipeline outputs) into a built Pipeline."""
     from nvidia.dali import pipeline_def
 

@@ -82,8 +82,10 @@ class TrainLoader(EpochPosition):
 
     def __init__(self, *, kind: str, fl: FileList, batch_size: int, shard_id: int, num_shards: int,
                  mode: str, signature: dict, build: Callable[..., object],
-                 outputs: Sequence[str], with_labels: bool, checkpoint: str | bytes | None):
+                 outputs: Sequence[str], with_labels: bool, checkpoint: str | bytes | None,
+                 prefetch_depth: int = C.PREFETCH_DEPTH):
         self.kind = kind
+        self._prefetch_depth = prefetch_depth  # batches DALI may have in flight past the ones returned
         self._list_path = fl.list_path
         self._fl = fl
         self.batch_size = batch_size
@@ -167,7 +169,7 @@ class TrainLoader(EpochPosition):
             n, B = len(self._fl), self.batch_size
             part = shard_indices(n, self.shard_id, self.num_shards)
             shard = np.random.default_rng(int(self._signature["seed"])).permutation(n)[part.start:part.stop]
-            candidates = shard[self._step * B:(self._step + 1 + C.PREFETCH_DEPTH) * B]
+            candidates = shard[self._step * B:(self._step + 1 + self._prefetch_depth) * B]
         return C.locate_failure(self._fl, cause, candidates)
 
     # -- checkpointing ------------------------------------------------------------------
@@ -409,7 +411,7 @@ def pretrain_loader(filelist: str | os.PathLike | FileList, *, img_size: int, ba
     return TrainLoader(
         kind="pretrain", fl=fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
         signature={"seed": seed, **kw}, outputs=G.pretrain_outputs(bool(tokenizer_view_size)), with_labels=False,
-        checkpoint=checkpoint,
+        checkpoint=checkpoint, prefetch_depth=prefetch_queue_depth,
         build=lambda ck, fl=fl, seed=seed: G.build_pretrain(
             fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, num_threads=num_threads,
             mode=mode, checkpoint=ck, prefetch_queue_depth=prefetch_queue_depth, **kw))
@@ -436,7 +438,7 @@ def finetune_train_loader(filelist: str | os.PathLike | FileList, *, img_size: i
     return TrainLoader(
         kind="finetune_train", fl=fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, mode=mode,
         signature={"seed": seed, "rand_augment": rand_augment, **kw}, outputs=G.FINETUNE_OUTPUTS, with_labels=True,
-        checkpoint=checkpoint,
+        checkpoint=checkpoint, prefetch_depth=prefetch_queue_depth,
         build=lambda ck, fl=fl, seed=seed: G.build_finetune_train(
             fl, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, num_threads=num_threads,
             mode=mode, rand_augment=ra, checkpoint=ck, prefetch_queue_depth=prefetch_queue_depth, **kw))
