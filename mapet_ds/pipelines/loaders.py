@@ -175,27 +175,15 @@ class TrainLoader(EpochPosition):
     # -- checkpointing ------------------------------------------------------------------
     def state(self) -> str:
         """JSON string: DALI checkpoint + counters + what the loader was built for."""
-        dali = self._pipe.checkpoint()
-        if isinstance(dali, str):
-            dali = dali.encode("latin-1")
         return json.dumps({"format": STATE_FORMAT, **self._signature, "epoch": self._epoch, "step": self._step,
-                           "dali": base64.b64encode(dali).decode("ascii"), "epoch_len": self._epoch_len,
+                           "dali": dali_checkpoint_text(self._pipe), "epoch_len": self._epoch_len,
                            "used": _pack(self._used), "reseed_epoch": self._reseed_epoch,
                            "tail_base": None if self._tail_base is None else _pack(self._tail_base)})
 
     def _load_state(self, checkpoint: str | bytes) -> bytes:
-        try:
-            st = json.loads(checkpoint)
-            assert st.get("format") in (STATE_FORMAT, ELASTIC_FORMAT)
-        except (ValueError, AssertionError, TypeError):
-            raise ValueError(f"checkpoint is not a {STATE_FORMAT} loader state (pass what loader.state() returned)") \
-                from None
+        st = parse_state(checkpoint, self._signature, self.kind, "file list", (STATE_FORMAT, ELASTIC_FORMAT),
+                         layout_free=lambda st: st["format"] == ELASTIC_FORMAT)
         elastic = st["format"] == ELASTIC_FORMAT
-        diff = [f"{k}: saved {st.get(k)!r}, now {v!r}" for k, v in self._signature.items()
-                if _jsonable(st.get(k)) != _jsonable(v) and not (elastic and k in _LAYOUT_KEYS)]
-        if diff:
-            raise ValueError(f"{self.kind} loader checkpoint does not match this loader ({'; '.join(diff)}): "
-                             f"resume with the same file list, batch size, world size and augmentation settings")
         self._epoch, self._step = int(st["epoch"]), int(st["step"])
         n = len(self._used)
         if "used" in st:
@@ -267,6 +255,34 @@ def _unpack(text: str, n: int) -> np.ndarray:
 
 def _jsonable(v):
     return json.loads(json.dumps(v))
+
+
+def dali_checkpoint_text(pipe) -> str:
+    """A built pipeline's DALI checkpoint (reader position, RNG states) as base64 text."""
+    dali = pipe.checkpoint()
+    if isinstance(dali, str):
+        dali = dali.encode("latin-1")
+    return base64.b64encode(dali).decode("ascii")
+
+
+def parse_state(checkpoint: str | bytes, signature: dict, kind: str, source: str, formats: Sequence[str],
+                layout_free: Callable[[dict], bool] = lambda st: False) -> dict:
+    """A train loader's saved state, refused in one line unless it is one of ``formats`` and
+    matches ``signature`` (what the loader is built for; the world-size keys are skipped
+    when ``layout_free(state)``). ``source``: "file list" or "shards", for the message."""
+    try:
+        st = json.loads(checkpoint)
+        assert st.get("format") in formats
+    except (ValueError, AssertionError, TypeError):
+        raise ValueError(f"checkpoint is not a {STATE_FORMAT} loader state (pass what loader.state() returned)") \
+            from None
+    skip = _LAYOUT_KEYS if layout_free(st) else ()
+    diff = [f"{k}: saved {st.get(k)!r}, now {v!r}" for k, v in signature.items()
+            if _jsonable(st.get(k)) != _jsonable(v) and k not in skip]
+    if diff:
+        raise ValueError(f"{kind} loader checkpoint does not match this loader ({'; '.join(diff)}): "
+                         f"resume with the same {source}, batch size, world size and augmentation settings")
+    return st
 
 
 class EvalLoader:

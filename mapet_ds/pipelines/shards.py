@@ -36,7 +36,15 @@ import torch
 from mapet_ds.filelist import shard_indices
 from mapet_ds.pipelines import common as C
 from mapet_ds.pipelines import graphs as G
-from mapet_ds.pipelines.loaders import STATE_FORMAT, EpochPosition, eval_scale_size, finetune_view, pretrain_view
+from mapet_ds.pipelines.loaders import (
+    STATE_FORMAT,
+    EpochPosition,
+    dali_checkpoint_text,
+    eval_scale_size,
+    finetune_view,
+    parse_state,
+    pretrain_view,
+)
 
 # the shard-set format and its checks live in shardset.py; re-exported here
 from mapet_ds.pipelines.shardset import (  # noqa: E402,F401
@@ -156,24 +164,11 @@ class ShardTrainLoader(EpochPosition):
 
     def state(self) -> str:
         """JSON string: DALI checkpoint of this epoch's pipeline + epoch/step + what the loader was built for."""
-        dali = self._pipe.checkpoint()
-        if isinstance(dali, str):
-            dali = dali.encode("latin-1")
         return json.dumps({"format": STATE_FORMAT, **self._signature, "epoch": self._epoch, "step": self._step,
-                           "dali": base64.b64encode(dali).decode("ascii")})
+                           "dali": dali_checkpoint_text(self._pipe)})
 
     def _load_state(self, checkpoint: str | bytes) -> bytes:
-        try:
-            st = json.loads(checkpoint)
-            assert st.get("format") == STATE_FORMAT
-        except (ValueError, AssertionError, TypeError):
-            raise ValueError(f"checkpoint is not a {STATE_FORMAT} loader state (pass what loader.state() returned)") \
-                from None
-        diff = [f"{k}: saved {st.get(k)!r}, now {v!r}" for k, v in self._signature.items()
-                if json.loads(json.dumps(st.get(k))) != json.loads(json.dumps(v))]
-        if diff:
-            raise ValueError(f"{self.kind} loader checkpoint does not match this loader ({'; '.join(diff)}): "
-                             f"resume with the same shards, batch size, world size and augmentation settings")
+        st = parse_state(checkpoint, self._signature, self.kind, "shards", (STATE_FORMAT,))
         self._epoch, self._step = int(st["epoch"]), int(st["step"])
         return base64.b64decode(st["dali"])
 
