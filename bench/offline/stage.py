@@ -230,6 +230,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-mib", type=float, default=60, help="largest transfer, MiB (default 60)")
     ap.add_argument("--extra", default="gpu", help="pyproject extra to add (default gpu; '' for none)")
     ap.add_argument("--deepspeed-spec", default=None, help="DeepSpeed requirement to build (default: pyproject's)")
+    ap.add_argument("--shadow", action="append", default=[],
+                    help="a node package the resolver may replace (its staged version goes first on the node's "
+                         "PYTHONPATH), e.g. --shadow packaging: DALI caps packaging below what new nodes have")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     out = Path(args.out).resolve()
@@ -247,12 +250,17 @@ def main(argv=None) -> int:
     if ds:
         whl = build_deepspeed(args.deepspeed_spec or ds[0], build)
         print(f"built {whl.name} ({format_mib(whl.stat().st_size)})")
-    items = resolve(need, node, args.python, args.platform, out, build)
-    extra = [i for i in items if i["name"] not in node]
-    clash = [f"{i['name']} {i['version']} (node {node[i['name']]})" for i in items
-             if i["name"] in node and i["version"].split("+")[0] != node[i["name"]]]
+    shadow = {canonical(n) for n in args.shadow}
+    pinned = {n: v for n, v in node.items() if n not in shadow}
+    items = resolve(need, pinned, args.python, args.platform, out, build)
+    changed = {i["name"]: i["version"] for i in items
+               if i["name"] in node and i["version"].split("+")[0] != node[i["name"]]}
+    clash = [f"{n} {v} (node {node[n]})" for n, v in changed.items() if n not in shadow]
     if clash:
         raise SystemExit(f"error: the resolution changes packages the node has: {', '.join(clash)}")
+    extra = [i for i in items if i["name"] not in node or i["name"] in changed]
+    for n, v in changed.items():
+        print(f"shadowing the node's {n} {node[n]} with {v} (--shadow {n})")
     wheels_dir = out / "wheels"
     if wheels_dir.exists():
         shutil.rmtree(wheels_dir)
@@ -269,7 +277,7 @@ def main(argv=None) -> int:
     files.append(pack_source(out))
     meta = {"python": args.python, "platform": args.platform, "created": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                       time.gmtime()),
-            "node_has": len(node), "requirements": need}
+            "node_has": len(node), "requirements": need, "shadowed": changed}
     manifest = materialize(files, out, int(args.batch_mib * MIB), meta)
     print(f"\nsend in this order ({len(manifest['batches'])} batches, each <= {args.batch_mib:g} MiB), "
           f"from {out / 'batches'}:")
@@ -279,7 +287,7 @@ def main(argv=None) -> int:
     print(f"\non the node: put the batch folders side by side in one folder STAGE, then\n"
           f"  bash STAGE/batch_00/run.sh OUT     # joins + checks parts, installs, runs gpu_check (~9 min)")
     print(json.dumps({"benchmark": "offline_stage", "python": args.python, "platform": args.platform,
-                      "missing_requirements": need, "wheels": len(files) - 1, "total_mib": round(total / MIB, 1),
+                      "missing_requirements": need, "shadowed": changed, "wheels": len(files) - 1, "total_mib": round(total / MIB, 1),
                       "batches": len(manifest["batches"]), "batch_mib": args.batch_mib,
                       "split": {f["file"]: len(f["parts"]) for f in manifest["files"] if "parts" in f},
                       "files": {f["file"]: round(f["bytes"] / MIB, 2) for f in manifest["files"]},
