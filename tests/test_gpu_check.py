@@ -74,6 +74,8 @@ def test_classify_skips_missing_libraries_and_fails_missing_own_code():
     assert own["status"] == "failed" and "No module named 'mapet_ds'" in own["reason"]
     assert gc.classify(ModuleNotFoundError("x", name="mapet_ds.engine.gone"))["status"] == "failed"
     assert gc.classify(ValueError("bad shape"))["status"] == "failed"
+    # the compiled sweep also runs flex + compile + activation checkpointing (CUDA only)
+    assert ("mapet", "flex", True) in gc._configs(True) and all(not c[2] for c in gc._configs(False))
 
 
 def _no_install_env(extra_path=()) -> dict:
