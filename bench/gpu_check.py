@@ -20,7 +20,7 @@ its own time budget:
 
 Without CUDA the same code paths run at tiny sizes (a CPU smoke, < 2 minutes).
 A part whose library is missing (DALI, deepspeed, faiss, open_clip, pydantic) or that
-does not fit the remaining time is reported as skipped with the reason, not failed;
+does not fit the remaining time is reported as skipped with the reason, not failed.
 A part whose own code is missing (``mapet_ds`` does not import) fails. ``ok`` is true when
 every part ran or was skipped and none failed. It runs from a plain checkout (no install).
 
