@@ -158,8 +158,13 @@ def download(items: list[dict], python: str, platform: str, dest: Path) -> list[
 def pack_source(dest: Path, repo: Path = REPO) -> Path:
     """The repository's tracked (and untracked, not ignored) files as a tarball: the node
     runs gpu_check from this plain checkout."""
-    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, check=True,
-                           capture_output=True).stdout.decode().split("\0")
+    try:
+        names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, check=True,
+                               capture_output=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (an unpacked archive)
+        tops = ("mapet_ds", "bench", "ds_configs", "launch", "data", "pyproject.toml", "README.md")
+        names = [str(f.relative_to(repo)) for t in tops for f in ([repo / t] + sorted((repo / t).rglob("*")))
+                 if f.is_file() and "__pycache__" not in f.parts and not f.name.endswith(".whl")]
     out = dest / SOURCE
     with tarfile.open(out, "w:gz") as tar:
         for n in sorted(n for n in names if n):
