@@ -555,13 +555,19 @@ class Report:
                 "torch": torch.__version__, "seconds": round(time.perf_counter() - self.clock.t0, 1),
                 "code": str(REPO), "parts": results}
 
-    def emit(self, complete: bool, table: bool = True) -> dict:
+    def render(self, complete: bool, table: bool = True) -> tuple[str, dict]:
         out = self.payload(complete)
+        lines = []
         if table:
-            print(f"{'part':8s} {'status':8s} {'time':>7s}  result")
+            lines.append(f"{'part':8s} {'status':8s} {'time':>7s}  result")
             for name, r in out["parts"].items():
-                print(f"{name:8s} {r['status']:8s} {r['seconds']:6.1f}s  {r.get('summary', r.get('reason', ''))}")
-        print(json.dumps(out), flush=True)
+                lines.append(f"{name:8s} {r['status']:8s} {r['seconds']:6.1f}s  "
+                             f"{r.get('summary', r.get('reason', ''))}")
+        return "\n".join(lines + [json.dumps(out)]) + "\n", out
+
+    def emit(self, complete: bool, table: bool = True) -> dict:
+        text, out = self.render(complete, table)
+        print(text, end="", flush=True)
         return out
 
 
@@ -576,8 +582,15 @@ def _on_stop(report: Report, work: Path | None):
             with contextlib.suppress(OSError):
                 child.kill()
         why = "SIGTERM" if signum == signal.SIGTERM else "the hard time limit (--stop-after)"
-        print(f"gpu_check stopped by {why}", flush=True)
-        report.emit(complete=False)
+        text, _ = report.render(complete=False)
+        # Straight to the file descriptor: the signal may have arrived inside a print, and
+        # the buffered stdout refuses a reentrant write. What it still held is dropped by
+        # os._exit, so the JSON written here stays the last line.
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        data = f"\ngpu_check stopped by {why}\n{text}".encode()
+        while data:
+            data = data[os.write(sys.stdout.fileno(), data):]
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
         # no interpreter teardown: NCCL/DeepSpeed/DALI exit hooks can hang on a half-run part
@@ -620,6 +633,7 @@ def main(argv=None) -> int:
             row = {"status": "skipped", "reason": f"time budget ({clock.left:.0f}s left)"}
         else:
             report.current = (name, t0)
+            print(f"  {name:8s} running  ({clock.left:.0f}s of the budget left)", flush=True)
             try:
                 row = {"status": "ok", **FUNCS[name](S, work, clock)}
             except Exception as e:  # one line in the table; the traceback on stderr

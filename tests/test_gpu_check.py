@@ -126,9 +126,9 @@ def test_sigterm_prints_what_finished(tmp_path):
                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     lines = []
     try:
-        for line in proc.stdout:  # the running result after kmeans, then stop it inside resume (~40 s)
+        for line in proc.stdout:  # stop it once resume (~40 s) has started, after kmeans finished
             lines.append(line)
-            if line.startswith("{") and '"kmeans"' in line:
+            if line.startswith("  resume   running"):
                 proc.send_signal(signal.SIGTERM)
                 break
         lines += proc.stdout.read().splitlines(keepends=True)
