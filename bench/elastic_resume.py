@@ -19,10 +19,12 @@ import shutil
 import time
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # a GPU machine keeps DeepSpeed's CUDA accelerator
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
-import torch  # noqa: E402
 
 from mapet_ds.config import load_config  # noqa: E402
 from mapet_ds.engine import elastic  # noqa: E402
@@ -60,9 +62,10 @@ def main() -> None:
 
     engine = _engine(cfg, load_universal=False)
     n_params = sum(p.numel() for p in engine.module.parameters())
-    images = torch.randn(2, 3, cfg.model.img_size, cfg.model.img_size)
-    tokens = torch.randint(0, cfg.tokenizer.vocab_size, (2, cfg.model.num_patches))
-    plan = engine.module.sample_plan(2, torch.device("cpu"), torch.Generator().manual_seed(0))
+    dev = engine.device
+    images = torch.randn(2, 3, cfg.model.img_size, cfg.model.img_size, device=dev)
+    tokens = torch.randint(0, cfg.tokenizer.vocab_size, (2, cfg.model.num_patches), device=dev)
+    plan = engine.module.sample_plan(2, dev, torch.Generator(device=dev).manual_seed(0))
     engine.backward(engine(images, tokens, plan)["loss"])
     engine.step()
 
@@ -87,7 +90,7 @@ def main() -> None:
     print(json.dumps({"model": "vit_base MaPeT pre-training (random weights)", "params_m": round(n_params / 1e6, 1),
                       "checkpoint_gb": round(ckpt_gb, 2), "universal_gb": round(uni_gb, 2),
                       "save_s": round(t_save, 1), "convert_s": round(t_convert, 1),
-                      "load_universal_s": round(t_load, 1), "device": "cpu, 1 rank, ZeRO-2, fp32"}))
+                      "load_universal_s": round(t_load, 1), "device": f"{dev.type}, 1 rank, ZeRO-2, fp32"}))
 
 
 if __name__ == "__main__":

@@ -14,26 +14,35 @@ its own time budget:
   clip     CLIP RN50x64 tokenizer assign img/s at 448 px (open_clip, random weights)
   resume   demo dataset -> tokens -> launch/pretrain.py (~100 steps), SIGKILL mid-run,
            automatic resume; max |loss difference| after the resume vs an uninterrupted run
-  compile  the step configurations again with model.compile=true (last: compile time
-           makes it the part most likely to hit the budget)
+  compile  the step configurations again with model.compile=true, plus mapet/flex compiled
+           with activation checkpointing (last: compile time makes it the part most likely
+           to hit the budget)
 
 Without CUDA the same code paths run at tiny sizes (a CPU smoke, < 2 minutes).
 A part whose library is missing (DALI, deepspeed, faiss, open_clip, pydantic) or that
-does not fit the remaining time is reported as skipped with the reason, not failed;
-``ok`` is true when no part failed. Prints a table, then one JSON object as the last line.
+does not fit the remaining time is reported as skipped with the reason, not failed.
+A part whose own code is missing (``mapet_ds`` does not import) fails. ``ok`` is true when
+every part ran or was skipped and none failed. It runs from a plain checkout (no install).
 
-    python bench/gpu_check.py [--budget 480] [--parts step,kmeans] [--keep DIR]
+After every part one JSON line with the results so far (``"complete": false``) is printed;
+on SIGTERM, or at ``--stop-after`` seconds, the running part is marked ``stopped`` and the
+table and JSON line are printed before exiting (143 / 142), so a timeout loses nothing that
+finished. The last line is always the newest JSON object.
+
+    python bench/gpu_check.py [--budget 480] [--stop-after 570] [--parts step,kmeans] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,7 +52,12 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+# A plain checkout is enough: the repository root (mapet_ds) and bench/ (data_pipeline) go
+# first on sys.path, so an air-gapped node needs no `pip install -e .` and an older
+# installed mapet_ds never shadows the code being checked.
+for _p in (REPO / "bench", REPO):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 import torch  # noqa: E402
 
@@ -226,8 +240,12 @@ def _fit_batch(S: dict, work: Path) -> tuple[int, dict]:
 _BATCH = None
 
 
-def _configs(compile_: bool) -> list[tuple[str, str]]:
-    return [(o, a) for o in ("mapet", "pet") for a in ("sdpa", "flex")] + [("mim", "sdpa")]
+def _configs(compile_: bool) -> list[tuple[str, str, bool]]:
+    """(objective, attention, activation checkpointing). Compiled, mapet/flex also runs with
+    checkpointing: flex + torch.compile + non-reentrant recomputation is the fragile upstream
+    combination (the flex kernel re-traced inside a recomputed, compiled block)."""
+    out = [(o, a, False) for o in ("mapet", "pet") for a in ("sdpa", "flex")] + [("mim", "sdpa", False)]
+    return out + ([("mapet", "flex", True)] if compile_ else [])
 
 
 def _engine_sweep(S: dict, work: Path, clock: Clock, compile_: bool, reserve: float) -> dict:
@@ -241,8 +259,8 @@ def _engine_sweep(S: dict, work: Path, clock: Clock, compile_: bool, reserve: fl
     if not CUDA:
         out["note"] = ("CPU: flex trains through its mask_mod evaluated densely with sdpa (torch has no "
                        "FlexAttention backward on the CPU); flex/sdpa times here are not the GPU kernel's")
-    for objective, attention in _configs(compile_):
-        name = f"{objective}/{attention}" + ("/compiled" if compile_ else "")
+    for objective, attention, ckpt in _configs(compile_):
+        name = f"{objective}/{attention}" + ("/compiled" if compile_ else "") + ("+ckpt" if ckpt else "")
         if name in first:
             out["configs"][name] = first[name]
             continue
@@ -250,7 +268,7 @@ def _engine_sweep(S: dict, work: Path, clock: Clock, compile_: bool, reserve: fl
             out["skipped"][name] = f"time budget ({clock.left:.0f}s left, {reserve:.0f}s kept for later parts)"
             continue
         out["configs"][name] = run_engine(S, work, objective=objective, attention=attention, compile_=compile_,
-                                          batch=_BATCH)
+                                          ckpt=ckpt, batch=_BATCH)
     c = out["configs"]
     suffix = "/compiled" if compile_ else ""
     for o in ("mapet", "pet"):
@@ -258,6 +276,9 @@ def _engine_sweep(S: dict, work: Path, clock: Clock, compile_: bool, reserve: fl
         if a and b:
             out[f"{o}_flex_over_sdpa_time"] = round(b["step_s"] / a["step_s"], 3)
 
+    if "mapet/flex/compiled+ckpt" in c and "mapet/flex/compiled" in c:  # same seed, same plans: same first losses
+        out["flex_compiled_ckpt_loss_diff"] = round(
+            abs(c["mapet/flex/compiled+ckpt"]["loss"] - c["mapet/flex/compiled"]["loss"]), 6)
     if f"mapet/sdpa{suffix}" in c and f"mim/sdpa{suffix}" in c:
         m, i = c[f"mapet/sdpa{suffix}"], c[f"mim/sdpa{suffix}"]
         t = m["step_s"] / i["step_s"]
@@ -289,7 +310,8 @@ def part_compile(S, work, clock):
         comp = run_engine(S, work, objective="mapet", compile_=True, ckpt=True, batch=_BATCH)
         eager.pop("_flops"), comp.pop("_flops")
         return {"configs": {"mapet/sdpa": eager, "mapet/sdpa/compiled+ckpt": comp},
-                "skipped": {"others": "CPU smoke compiles one configuration (inductor C++ build time)"},
+                "skipped": {"others": "CPU smoke compiles one configuration (inductor C++ build time); "
+                                      "mapet/flex/compiled+ckpt runs on CUDA only (flex has no CPU kernel)"},
                 "loss_diff_vs_eager": round(abs(comp["loss"] - eager["loss"]), 6),
                 "summary": f"mapet/sdpa compiled+ckpt loss {comp['loss']} vs eager {eager['loss']}, "
                            f"first step {comp['first_step_s']}s (compile)"}
@@ -323,12 +345,16 @@ def part_kmeans(S, work, clock):
 
     n, d, k = S["kmeans"]
     rng = np.random.default_rng(0)
-    out: dict = {"d": d, "k": k, "niter": S["kmeans_niter"]}
+    out: dict = {"d": d, "k": k, "niter": S["kmeans_niter"], "nredo": 1}
 
     def per_iter(x, gpu) -> float:
-        _, st = fit_codebook(x, k, niter=S["kmeans_niter"], max_points_per_centroid=max(1, -(-len(x) // k)),
-                             use_gpu=gpu, return_stats=True)
+        # one restart (nredo=1): fit_codebook's default nredo=5 runs niter iterations five times
+        _, st = fit_codebook(x, k, niter=S["kmeans_niter"], nredo=1,
+                             max_points_per_centroid=max(1, -(-len(x) // k)), use_gpu=gpu, return_stats=True)
+        timed.append(len(st["iterations"]))
         return st["seconds"] / S["kmeans_niter"]
+
+    timed: list[int] = []  # faiss iteration records per timed fit: niter with one restart
 
     if CUDA and faiss_num_gpus() > 0:
         x = rng.standard_normal((n, d), dtype=np.float32)
@@ -339,6 +365,7 @@ def part_kmeans(S, work, clock):
     m = S["kmeans_cpu_slice"]
     xs = x[:m] if x is not None else rng.standard_normal((m, d), dtype=np.float32)
     out["cpu_n"], out["cpu_s_per_iter"] = m, round(per_iter(xs, False), 4)
+    out["iterations_per_fit"] = timed
     if "gpu_s_per_iter" in out:  # per point: k-means cost is linear in n at fixed k, d
         out["gpu_speedup_per_point"] = round(out["cpu_s_per_iter"] / m / (out["gpu_s_per_iter"] / n), 1)
         out["summary"] = (f"GPU {n}x{d} k={k}: {out['gpu_s_per_iter']} s/iter; CPU {m} pts {out['cpu_s_per_iter']} "
@@ -392,7 +419,18 @@ def _run(args, cwd, env=None, timeout=600, check=True):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # this process's own world
         full.pop(k, None)
     full["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    p = subprocess.run([str(a) for a in args], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+    child = subprocess.Popen([str(a) for a in args], cwd=cwd, env=full, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    _CHILDREN.append(child)  # a stop of gpu_check kills it (see _on_stop)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise
+    finally:
+        _CHILDREN.remove(child)
+    p = subprocess.CompletedProcess(child.args, child.returncode, out, err)
     if check and p.returncode != 0:
         tail = (p.stdout + p.stderr).strip().splitlines()[-3:]
         raise RuntimeError(f"{' '.join(map(str, args[:3]))} exited {p.returncode}: {' | '.join(tail)}")
@@ -412,13 +450,13 @@ def part_resume(S, work, clock):
     R = S["resume"]
     ws = work / "resume"
     ws.mkdir()
-    py = sys.executable
+    py = [sys.executable] + (["-S"] if sys.flags.no_site else [])  # the tools run in this Python's environment
     img, patch = (64, 8) if CUDA else (32, 8)
-    _run([py, REPO / "data/make_demo.py", "--out", "data", "--num-train-per-class", R["per_class"],
+    _run([*py, REPO / "data/make_demo.py", "--out", "data", "--num-train-per-class", R["per_class"],
           "--num-val-per-class", 1, "--size", R["size"]], ws)
-    _run([py, REPO / "launch/tokens.py", "fit", "--filelist", "data/train.txt", "--extractor", "pixel",
+    _run([*py, REPO / "launch/tokens.py", "fit", "--filelist", "data/train.txt", "--extractor", "pixel",
           "--img-size", img, "--patch-size", patch, "--k", 64, "--niter", 5, "--out", "codebook.pt"], ws)
-    _run([py, REPO / "launch/tokens.py", "assign", "--filelist", "data/train.txt", "--codebook", "codebook.pt",
+    _run([*py, REPO / "launch/tokens.py", "assign", "--filelist", "data/train.txt", "--codebook", "codebook.pt",
           "--out", "tokens"], ws)
     model = ("model: {size: null, embed_dim: 128, depth: 6, num_heads: 4, img_size: 64, patch_size: 8}" if CUDA else
              "model: {size: null, embed_dim: 32, depth: 2, num_heads: 2, img_size: 32, patch_size: 8}")
@@ -430,7 +468,7 @@ def part_resume(S, work, clock):
         "optim: {lr: 1.5e-3, warmup_steps: 5, min_lr: 1.0e-5}\n"
         f"pretrain: {{global_batch_size: {R['batch']}, max_steps: {R['steps']}, log_every: 10, "
         f"save_every: {R['save_every']}, keep_last: 1}}\n")
-    launcher = [py, REPO / "launch/pretrain.py"]
+    launcher = [*py, REPO / "launch/pretrain.py"]
     ds = shutil.which("deepspeed")
     if CUDA and ds:
         launcher = [ds, "--num_gpus", "1", "--master_port", str(_free_port()), REPO / "launch/pretrain.py"]
@@ -483,10 +521,90 @@ def _reserve_after(part: str, clock: Clock) -> float:
 _SELECTED: tuple[str, ...] = PARTS
 
 
+def classify(err: BaseException) -> dict:
+    """A part's exception as a result row. A third-party module that is not installed (also
+    one missing deep inside a library's own imports) is a ``skipped`` part with the module's
+    name; anything else, a missing ``mapet_ds`` module included, is ``failed``: the code
+    under test (or the install it runs on) broke."""
+    if isinstance(err, Skip):
+        return {"status": "skipped", "reason": str(err)}
+    if isinstance(err, ModuleNotFoundError) and err.name and err.name.split(".")[0] != "mapet_ds":
+        return {"status": "skipped", "reason": f"{err.name} not installed (ModuleNotFoundError)"}
+    return {"status": "failed", "reason": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
+
+
+class Report:
+    """The results so far. ``emit`` prints the table and the JSON line; it runs after every
+    part (a running result, ``"complete": false``), at the end, and from the SIGTERM /
+    SIGALRM handler, so a run stopped by a scheduler or a node-side ``timeout`` still leaves
+    every finished part on stdout (the last JSON line is always the newest state)."""
+
+    def __init__(self, device: str, clock: Clock):
+        self.device, self.clock = device, clock
+        self.results: dict = {}
+        self.current: tuple[str, float] | None = None  # (part, start time) while one runs
+
+    def payload(self, complete: bool) -> dict:
+        results = dict(self.results)
+        if self.current is not None:
+            name, t0 = self.current
+            results[name] = {"status": "stopped", "reason": "process stopped while this part ran",
+                             "seconds": round(time.perf_counter() - t0, 1)}
+        ok = complete and not any(r["status"] == "failed" for r in results.values())
+        return {"benchmark": "gpu_check", "ok": ok, "complete": complete, "cuda": CUDA, "device": self.device,
+                "torch": torch.__version__, "seconds": round(time.perf_counter() - self.clock.t0, 1),
+                "code": str(REPO), "parts": results}
+
+    def render(self, complete: bool, table: bool = True) -> tuple[str, dict]:
+        out = self.payload(complete)
+        lines = []
+        if table:
+            lines.append(f"{'part':8s} {'status':8s} {'time':>7s}  result")
+            for name, r in out["parts"].items():
+                lines.append(f"{name:8s} {r['status']:8s} {r['seconds']:6.1f}s  "
+                             f"{r.get('summary', r.get('reason', ''))}")
+        return "\n".join(lines + [json.dumps(out)]) + "\n", out
+
+    def emit(self, complete: bool, table: bool = True) -> dict:
+        text, out = self.render(complete, table)
+        print(text, end="", flush=True)
+        return out
+
+
+_CHILDREN: list[subprocess.Popen] = []  # the resume part's running tools, stopped with us
+
+
+def _on_stop(report: Report, work: Path | None):
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for child in _CHILDREN:
+            with contextlib.suppress(OSError):
+                child.kill()
+        why = "SIGTERM" if signum == signal.SIGTERM else "the hard time limit (--stop-after)"
+        text, _ = report.render(complete=False)
+        # Straight to the file descriptor: the signal may have arrived inside a print, and
+        # the buffered stdout refuses a reentrant write. What it still held is dropped by
+        # os._exit, so the JSON written here stays the last line.
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        data = f"\ngpu_check stopped by {why}\n{text}".encode()
+        while data:
+            data = data[os.write(sys.stdout.fileno(), data):]
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        # no interpreter teardown: NCCL/DeepSpeed/DALI exit hooks can hang on a half-run part
+        os._exit(128 + signum)
+
+    return handler
+
+
 def main(argv=None) -> int:
     global _SELECTED
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=None, help="seconds for everything (default 480 GPU, 110 CPU)")
+    ap.add_argument("--stop-after", type=float, default=None,
+                    help="hard limit (s): stop the running part and print what finished (default budget + 90)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {','.join(PARTS)}")
     ap.add_argument("--keep", default=None, help="work directory to keep (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -502,35 +620,36 @@ def main(argv=None) -> int:
     work = Path(args.keep or tempfile.mkdtemp(prefix="mapet_gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if CUDA else (platform.processor() or platform.machine() or "cpu")
+    report = Report(device, clock)
+    handler = _on_stop(report, None if args.keep else work)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, args.stop_after or clock.budget + 90)
     print(f"gpu_check on {device} ({'CUDA' if CUDA else 'CPU smoke, tiny sizes'}), budget {clock.budget:.0f}s",
           flush=True)
-    results: dict = {}
     for name in _SELECTED:
         t0 = time.perf_counter()
         if clock.left < mins[name]:
-            results[name] = {"status": "skipped", "reason": f"time budget ({clock.left:.0f}s left)"}
+            row = {"status": "skipped", "reason": f"time budget ({clock.left:.0f}s left)"}
         else:
+            report.current = (name, t0)
+            print(f"  {name:8s} running  ({clock.left:.0f}s of the budget left)", flush=True)
             try:
-                results[name] = {"status": "ok", **FUNCS[name](S, work, clock)}
-            except Skip as e:
-                results[name] = {"status": "skipped", "reason": str(e)}
+                row = {"status": "ok", **FUNCS[name](S, work, clock)}
             except Exception as e:  # one line in the table; the traceback on stderr
-                traceback.print_exc(file=sys.stderr)
-                results[name] = {"status": "failed", "reason": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
-        results[name]["seconds"] = round(time.perf_counter() - t0, 1)
-        r = results[name]
-        print(f"  {name:8s} {r['status']:8s} {r['seconds']:6.1f}s  {r.get('summary', r.get('reason', ''))}",
+                row = classify(e)
+                if row["status"] == "failed":
+                    traceback.print_exc(file=sys.stderr)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        report.results[name], report.current = row, None
+        print(f"  {name:8s} {row['status']:8s} {row['seconds']:6.1f}s  {row.get('summary', row.get('reason', ''))}",
               flush=True)
+        report.emit(complete=False, table=False)  # the running result: survives a later stop
+    signal.setitimer(signal.ITIMER_REAL, 0)
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
-    ok = not any(r["status"] == "failed" for r in results.values())
-    print(f"{'part':8s} {'status':8s} {'time':>7s}  result")
-    for name, r in results.items():
-        print(f"{name:8s} {r['status']:8s} {r['seconds']:6.1f}s  {r.get('summary', r.get('reason', ''))}")
-    print(json.dumps({"benchmark": "gpu_check", "ok": ok, "cuda": CUDA, "device": device,
-                      "torch": torch.__version__, "seconds": round(time.perf_counter() - clock.t0, 1),
-                      "parts": results}))
-    return 0 if ok else 1
+    out = report.emit(complete=True)
+    return 0 if out["ok"] else 1
 
 
 if __name__ == "__main__":

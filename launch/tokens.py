@@ -215,8 +215,9 @@ def main(argv=None) -> None:
     from mapet_ds.tokenizers import CodebookError, FeatureError, TokenStoreError
 
     # one `error:` line per job (not per rank) and exit code 2, as the training launchers
+    # (an OSError naming a file is one line too; other errors point to a traceback file)
     code = run_main(lambda: a.fn(a), (FileListError, CodebookError, FeatureError, TokenStoreError,
-                                      UnsafeWriteError, PipelineRunError, OSError))
+                                      UnsafeWriteError, PipelineRunError))
     if code:
         raise SystemExit(code)
 

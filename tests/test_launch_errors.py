@@ -101,5 +101,6 @@ def test_report_error_once_per_job(monkeypatch, capsys, tmp_path):
     assert errors.run_main(broken, (ValueError,)) == 2
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("WORLD_SIZE", "1")
-    with pytest.raises(RuntimeError):  # alone, an unexpected error keeps its traceback
+    monkeypatch.setenv("MAPET_DEBUG", "1")
+    with pytest.raises(RuntimeError):  # alone, with MAPET_DEBUG=1, an unexpected error keeps its traceback
         errors.run_main(broken, (ValueError,))

@@ -8,16 +8,17 @@ from typing import Callable, Sequence
 
 from mapet_ds.config import ConfigError
 from mapet_ds.engine.ds_config import DEFAULT_DS_CONFIG
-from mapet_ds.engine.errors import run_main
+from mapet_ds.engine.errors import run_main, set_run_dir
 from mapet_ds.engine.trainer import NonFiniteStop
 from mapet_ds.filelist import FileListError
 from mapet_ds.pipelines.common import PipelineRunError
-from mapet_ds.safe_io import InputGuard
+from mapet_ds.safe_io import InputGuard, UnsafeWriteError
 
-# Errors caused by the user's input or data: printed as one line, exit code 2.
-# (TokenStoreError, CheckpointError, TokenizerWeightsError, UnsafeWriteError are ValueErrors;
-# PipelineRunError names the broken image and the scan to run; OSError: an unreadable file.)
-USER_ERRORS = (ConfigError, FileListError, NonFiniteStop, ValueError, PipelineRunError, OSError)
+# Errors caused by the user's input or data: printed as one line, exit code 2. Besides these,
+# run_main treats every other mapet_ds error type (TokenStoreError, CheckpointError, ...), a
+# `raise ValueError` check written in mapet_ds, and an OSError naming a file as user errors;
+# anything else (from torch, Triton, DeepSpeed...) gets a traceback file (engine/errors.py).
+USER_ERRORS = (ConfigError, FileListError, NonFiniteStop, PipelineRunError, UnsafeWriteError)
 
 # What a training run writes inside its run dir besides config.yaml / ds_config.json, which
 # are rewritten with the same resolved content on resume (so --config RUN/config.yaml is fine).
@@ -36,7 +37,8 @@ def job_parser(description: str) -> argparse.ArgumentParser:
 
 def run_job(fn: Callable[[], None]) -> int:
     """Run ``fn``; a user error becomes ``error: <one line>`` on stderr (once per job, not per
-    rank) and exit code 2."""
+    rank) and exit code 2; any other error, its line plus the file holding its traceback (the
+    run dir once check_run_dir accepted it), exit code 1; ``MAPET_DEBUG=1`` re-raises."""
     return run_main(fn, USER_ERRORS)
 
 
@@ -46,4 +48,6 @@ def check_run_dir(run_dir: str, inputs: Sequence[tuple[object, str]], field: str
     guard = InputGuard()
     for path, what in inputs:
         guard.add(path, what)
-    return guard.check_folder(run_dir, RUN_DIR_OUTPUTS, field)
+    checked = guard.check_folder(run_dir, RUN_DIR_OUTPUTS, field)
+    set_run_dir(checked)  # an unexpected error's traceback goes there (once the run has made it)
+    return checked

@@ -11,19 +11,38 @@ private to the job (named by the launcher process that started all local ranks);
 first claim prints. Rank 0 gets a short head start so an error every rank sees is
 printed without a rank prefix. The folder is per node (local /tmp): a job over several
 nodes prints the line once per node that hit it.
+
+Which errors are one line (exit code 2): our own error types (any exception class defined
+in mapet_ds, and those passed in), a ``raise ValueError(...)`` written in mapet_ds or
+launch/ (a check of the user's input), and an OSError naming a file (missing, unreadable).
+Anything else (a ValueError or RuntimeError from inside torch, Triton, DeepSpeed, DALI, or
+a bug of ours) is not the user's to fix from one line: it prints the line plus the file its
+full traceback was written to (the run directory when known, else a temporary file), exit
+code 1. ``MAPET_DEBUG=1`` re-raises every error with its traceback instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import linecache
 import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 RANK_ZERO_HEAD_START_S = 0.5
+_PACKAGE = Path(__file__).resolve().parents[1]  # mapet_ds/
+OWN_CODE = (_PACKAGE, _PACKAGE.parent / "launch")  # deliberate `raise ValueError` checks live here
+_RUN_DIR: Optional[Path] = None
+
+
+def set_run_dir(path) -> None:
+    """Where a traceback of an unexpected error goes (the job's run directory, once known)."""
+    global _RUN_DIR
+    _RUN_DIR = Path(path) if path is not None else None
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -41,8 +60,9 @@ def _job_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"mapet_ds_errors_{ppid}_{start}_{port}"
 
 
-def report_error(message: str) -> bool:
-    """Print ``error: <message>`` unless another rank of this job already printed it; True if printed."""
+def report_error(message: str, key: Optional[str] = None) -> bool:
+    """Print ``error: <message>`` unless another rank of this job already printed it (the same
+    ``key``, default the message); True if printed."""
     message = " ".join(str(message).split())  # one line, whatever the exception text holds
     rank, world = rank_and_world()
     if world > 1:
@@ -50,7 +70,7 @@ def report_error(message: str) -> bool:
         folder.mkdir(parents=True, exist_ok=True)
         if rank != 0:
             time.sleep(RANK_ZERO_HEAD_START_S)
-        claim = folder / hashlib.sha1(message.encode()).hexdigest()[:16]
+        claim = folder / hashlib.sha1((key or message).encode()).hexdigest()[:16]
         try:
             os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
@@ -75,20 +95,64 @@ def describe(err: BaseException) -> str:
     return str(err)
 
 
-def run_main(fn: Callable[[], None], user_errors: tuple[type[BaseException], ...]) -> int:
-    """Run ``fn``: 0 on success; a user error -> one ``error:`` line per job and exit code 2.
+def _raised_in_own_code(err: BaseException) -> bool:
+    """Was ``err`` raised by a ``raise`` statement in mapet_ds or launch/ (not by a library
+    call made from there, whose innermost Python frame would be ours too)?"""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    if not any(root in path.parents for root in OWN_CODE):
+        return False
+    return linecache.getline(str(path), tb.tb_lineno).lstrip().startswith("raise")
 
-    Any other exception keeps its traceback (a bug to report), unless a peer rank already
-    reported an error: then it is the collective breaking under us, and the peer's line
-    says why.
+
+def is_user_error(err: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> bool:
+    """One line is enough (see the module docstring)."""
+    if isinstance(err, user_errors) or type(err).__module__.split(".")[0] == "mapet_ds":
+        return True
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return True
+    return isinstance(err, ValueError) and _raised_in_own_code(err)
+
+
+def write_traceback(err: BaseException) -> Path:
+    """The full traceback in a new file (created exclusively): in the run directory if the
+    job has one by now, else in the temporary directory."""
+    rank, _ = rank_and_world()
+    folder = _RUN_DIR if _RUN_DIR is not None and _RUN_DIR.is_dir() else None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    fd, name = tempfile.mkstemp(prefix=f"error-{stamp}-rank{rank}-", suffix=".txt", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{' '.join(sys.argv)}\n\n")
+        traceback.print_exception(type(err), err, err.__traceback__, file=f)
+    return Path(name)
+
+
+def run_main(fn: Callable[[], None], user_errors: tuple[type[BaseException], ...]) -> int:
+    """Run ``fn``: 0 on success; a user error -> one ``error:`` line per job and exit code 2;
+    any other exception -> its one line plus where the traceback was written, exit code 1.
+
+    An unexpected exception after a peer rank already reported an error is the collective
+    breaking under us: silent (the peer's line says why), exit code 2. ``MAPET_DEBUG=1``:
+    every exception is re-raised with its traceback.
     """
+    debug = os.environ.get("MAPET_DEBUG", "") not in ("", "0")
     try:
         fn()
-    except user_errors as err:
-        report_error(describe(err))
-        return 2
-    except Exception:
+    except Exception as err:
+        if debug:
+            raise
+        if is_user_error(err, user_errors):
+            report_error(describe(err))
+            return 2
         if peer_failed():
             return 2
-        raise
+        where = write_traceback(err)
+        line = " ".join(f"{type(err).__name__}: {err}".split())
+        report_error(f"{line} (not a known input problem: full traceback in {where}; MAPET_DEBUG=1 prints it here)",
+                     key=line)
+        return 1
     return 0

@@ -8,6 +8,7 @@ detected GPU). Activation-checkpointing recomputation is not counted as useful w
 from __future__ import annotations
 
 import json
+import re
 import resource
 import time
 from pathlib import Path
@@ -15,15 +16,36 @@ from typing import Optional
 
 import torch
 
-# dense (no sparsity) bf16 peak TFLOP/s of common training GPUs
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,  # SXM; PCIe parts are slower: set peak_tflops
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10": 125.0,
-    "V100": 125.0,
-}
+# Dense (no sparsity) bf16 peak TFLOP/s by device name, from NVIDIA's datasheets. First
+# match wins, so a variant comes before its family: H200 NVL / H100 NVL (835) and H100 PCIe
+# (756) are slower than the SXM parts (989; torch names those "NVIDIA H200", "NVIDIA H100
+# 80GB HBM3"). V100 has no bf16 (its runs are fp32): no peak, no MFU, unless
+# pretrain.peak_tflops says what to divide by.
+PEAK_BF16_TFLOPS: tuple[tuple[str, Optional[float]], ...] = (
+    (r"H200 NVL", 835.0),
+    (r"GH200", 989.0),
+    (r"H200", 989.0),
+    (r"H100 NVL", 835.0),
+    (r"H100 PCIE", 756.0),
+    (r"H100", 989.0),
+    (r"H800 PCIE", 756.0),
+    (r"H800", 989.0),
+    (r"A100", 312.0),
+    (r"A800", 312.0),
+    (r"L40S", 362.0),
+    (r"\bA10\b", 125.0),
+    (r"V100", None),
+)
+
+
+def peak_bf16_tflops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of a device named like torch.cuda.get_device_name; None if unknown
+    or without bf16."""
+    name = device_name.upper()
+    for pattern, value in PEAK_BF16_TFLOPS:
+        if re.search(pattern, name):
+            return value
+    return None
 
 
 def detect_peak_tflops(device: torch.device, configured: Optional[float]) -> Optional[float]:
@@ -31,11 +53,7 @@ def detect_peak_tflops(device: torch.device, configured: Optional[float]) -> Opt
         return configured
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, val in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return val
-    return None
+    return peak_bf16_tflops(torch.cuda.get_device_name(device))
 
 
 def max_memory_gib(device: torch.device) -> float:
