@@ -139,3 +139,72 @@ def test_sweep_table_figure_and_rerun_skips(demo_workspace, monkeypatch, capsys)
         assert "runs/compare/finetune/mapet_seed0 is older than the pre-training it starts from" in capsys.readouterr().err
     finally:
         os.utime(marker, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_table_mean_and_std_recomputed_from_the_runs_files(tmp_path):
+    """results.md / summarize against means and sample stds computed here from hand-written
+    metrics.jsonl (loss over the last 10% of steps), summary.json and k-NN files."""
+    import dataclasses
+    import json
+    import statistics
+
+    from mapet_ds.analysis.compare import RunSpec, SweepPlan
+    from mapet_ds.analysis.report import summarize, write_results
+
+    losses = {("mim", 0): [5.0, 4.0, 3.5, 3.25, 3.0, 2.9, 2.8, 2.7, 2.6, 2.5, 2.4, 2.3],  # 12 steps: last 2
+              ("mim", 1): [5.0] * 10 + [2.0, 2.2],
+              ("mim", 2): [4.0] * 10 + [2.5, 2.9],
+              ("mapet", 0): [4.0] * 11 + [1.5],
+              ("mapet", 1): [4.0] * 10 + [1.0, 2.0]}
+    top1 = {("mim", 0): 40.0, ("mim", 1): 45.5, ("mim", 2): 50.0, ("mapet", 0): 60.0, ("mapet", 1): 64.0}
+    knn = {("mim", 0): 10.0, ("mim", 1): 12.0, ("mim", 2): 17.0, ("mapet", 0): 20.0, ("mapet", 1): 30.0}
+    runs = []
+    for (obj, seed), curve in losses.items():
+        pt, ft = tmp_path / f"pt_{obj}{seed}", tmp_path / f"ft_{obj}{seed}"
+        pt.mkdir()
+        ft.mkdir()
+        (pt / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v, "acc": v / 10})
+                                                  + "\n" for i, v in enumerate(curve)))
+        (ft / "summary.json").write_text(json.dumps({"top1": top1[obj, seed], "top5": 99.0, "best_top1": 70.0}))
+        (tmp_path / f"knn_{obj}{seed}.json").write_text(json.dumps({"top1": knn[obj, seed], "top5": 90.0}))
+        known = dict(objective=obj, seed=seed, max_steps=12, flops_per_step=1000, pretrain_dir=str(pt),
+                     finetune_dir=str(ft), knn_file=str(tmp_path / f"knn_{obj}{seed}.json"), pretrain_overrides=[],
+                     finetune_overrides=[])
+        # fields other sweeps add (e.g. a linear probe) point at files that do not exist: NaN columns
+        extra = {f.name: str(tmp_path / f"absent_{f.name}_{obj}{seed}") for f in dataclasses.fields(RunSpec)
+                 if f.name not in known and f.default is dataclasses.MISSING
+                 and f.default_factory is dataclasses.MISSING}
+        runs.append(RunSpec(**known, **extra))
+    plan = SweepPlan(out=str(tmp_path), config="x.yaml", finetune_config="x.yaml", budget="steps", reference=None,
+                     reference_steps=12, step_flops={"mim": 1000, "mapet": 1000}, steps={"mim": 12, "mapet": 12},
+                     overrides=[], runs=runs)
+    rows, paths = write_results(plan, knn=True)
+
+    def expect(obj, per_run):
+        vals = [per_run(seed) for (o, seed) in losses if o == obj]
+        return statistics.mean(vals), statistics.stdev(vals)
+
+    tail = lambda o: (lambda s: statistics.mean(losses[o, s][-2:]))  # noqa: E731  ceil(0.1 * 12) = 2 steps
+    expected = {o: {"pretrain_loss": expect(o, tail(o)),
+                    "token_acc": expect(o, lambda s, o=o: 10.0 * statistics.mean(losses[o, s][-2:])),
+                    "finetune_top1": expect(o, lambda s, o=o: top1[o, s]),
+                    "knn_top1": expect(o, lambda s, o=o: knn[o, s])} for o in ("mim", "mapet")}
+    assert expected["mim"]["pretrain_loss"] == pytest.approx((7.15 / 3, statistics.stdev([2.35, 2.1, 2.7])))  # tails (2.4+2.3)/2 ...
+    agg = {a["objective"]: a for a in summarize(rows)}
+    for obj, cols in expected.items():
+        assert agg[obj]["n"] == (3 if obj == "mim" else 2)
+        for col, (mean, std) in cols.items():
+            assert agg[obj][col] == pytest.approx((mean, std), rel=1e-12), (obj, col)
+    # the Markdown row shows the same numbers, rounded as its header says
+    md = paths["md"].read_text()
+    table = md.split("## Mean ± std per objective")[1].split("## Runs")[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    for ln in lines[2:]:
+        cells = dict(zip(header, (c.strip() for c in ln.strip("|").split("|"))))
+        e = expected[cells["objective"]]
+        assert cells["pretrain loss"] == "{:.4f} ± {:.4f}".format(*e["pretrain_loss"])
+        assert cells["token acc %"] == "{:.2f} ± {:.2f}".format(*e["token_acc"])
+        assert cells["fine-tune top-1 %"] == "{:.2f} ± {:.2f}".format(*e["finetune_top1"])
+        assert cells["k-NN top-1 %"] == "{:.2f} ± {:.2f}".format(*e["knn_top1"])
+        assert cells["steps"] == "12"

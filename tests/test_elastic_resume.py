@@ -238,7 +238,12 @@ def test_zero2_to_zero0_and_back(killed_two_ranks):
     assert [r["step"] for r in recs] == list(range(1, 11)) and all(math.isfinite(r["loss"]) for r in recs)
 
 
-def test_finetune_two_ranks_resumed_on_one(demo_workspace):
+FT_BASE = [FINETUNE, "--ds_config", ZERO2, "--config", "ft_el.yaml"]
+
+
+@pytest.fixture(scope="module")
+def killed_ft_two_ranks(demo_workspace):
+    """A 2-rank ZeRO-2 fine-tune (EMA on) SIGKILLed after step 5; its newest complete checkpoint is step 3."""
     ws = demo_workspace
     (ws / "ft_el.yaml").write_text(
         "model: {size: null, embed_dim: 48, depth: 2, num_heads: 3, img_size: 64, patch_size: 16}\n"
@@ -246,20 +251,70 @@ def test_finetune_two_ranks_resumed_on_one(demo_workspace):
         "optim: {lr: 1.0e-3, warmup_steps: 1, layer_decay: 0.75}\n"
         "finetune: {global_batch_size: 16, max_steps: 6, log_every: 1, save_every: 3, eval_every: 5, keep_last: 9,\n"
         "           ema_decay: 0.9, mixup: 0.0, cutmix: 0.0, output_dir: runs/ft_el}\n")
-    base = [FINETUNE, "--ds_config", ZERO2, "--config", "ft_el.yaml"]
-    killed = _launch(base, ws, env={"MAPET_FAULT": "step:5", "MAPET_DEBUG_SAMPLES": str(ws / "ids_ft2")})
+    killed = _launch(FT_BASE, ws, env={"MAPET_FAULT": "step:5", "MAPET_DEBUG_SAMPLES": str(ws / "ids_ft2")})
     assert killed.returncode != 0 and "step 4/6" in killed.stdout
-    one = run_py(base, cwd=ws, env={"MAPET_DEBUG_RESUME_STATE": str(ws / "dump_ft.pt"),
-                                    "MAPET_DEBUG_SAMPLES": str(ws / "ids_ft1")})
+    return ws
+
+
+def test_finetune_two_ranks_resumed_on_one(killed_ft_two_ranks):
+    ws = killed_ft_two_ranks
+    shutil.copytree(ws / "runs/ft_el", ws / "runs/ft_el1")
+    one = run_py([*FT_BASE, "finetune.output_dir=runs/ft_el1"], cwd=ws,
+                 env={"MAPET_DEBUG_RESUME_STATE": str(ws / "dump_ft.pt"), "MAPET_DEBUG_SAMPLES": str(ws / "ids_ft1")})
     assert ("[finetune] resumed from step 3 on 1 rank (was 2): universal checkpoint, epoch 0 continues with "
             "112 unseen samples") in one.stdout
     assert "micro batch 8 x accum 2 x 1 rank(s)" in one.stdout
     state = torch.load(ws / "dump_ft.pt", weights_only=False)
     assert state["step"] == 3 and state["adam_step"] == 3.0
-    _assert_state_equal(state, _universal_state(ws / "runs/ft_el/checkpoints/step00000003"))
+    _assert_state_equal(state, _universal_state(ws / "runs/ft_el1/checkpoints/step00000003"))
     before, after = _ids(ws / "ids_ft2", max_step=3)[0], _ids(ws / "ids_ft1")[0]
     assert len(before) == 48 and len(after) == 48 and not set(before) & set(after)
-    assert json.loads((ws / "runs/ft_el/summary.json").read_text())["top1"] >= 0.0
+    assert json.loads((ws / "runs/ft_el1/summary.json").read_text())["top1"] >= 0.0
+
+
+def test_two_ranks_killed_resume_on_two_ranks_equals_uninterrupted(killed_two_ranks):
+    """Pre-training, same world size: 2 ranks -> SIGKILL -> 2 ranks gives the uninterrupted losses bitwise."""
+    ws = killed_two_ranks
+    shutil.copytree(ws / "runs/el2", ws / "runs/el2_2")
+    base = [PRETRAIN, "--ds_config", ZERO2, "--config", "pretrain.yaml", *OPTS]
+    full = _launch([*base, "pretrain.output_dir=runs/el2_full"], ws)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    two = _launch([*base, "pretrain.output_dir=runs/el2_2"], ws)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "resumed from runs/el2_2/checkpoints/step00000004: step 4/14" in two.stdout
+    assert "universal checkpoint" not in two.stdout  # the exact (non-elastic) path
+    full_losses = _losses(ws / "runs/el2_full")
+    assert [r["step"] for r in full_losses] == list(range(1, 15))
+    assert _losses(ws / "runs/el2_2") == full_losses  # every metric of every step, bitwise (fp32 CPU)
+
+
+def test_finetune_two_ranks_killed_resume_on_two_ranks_equals_uninterrupted(killed_ft_two_ranks):
+    """Fine-tuning: losses, final accuracy and the EMA weights equal the uninterrupted run's bitwise,
+    so the resumed run continued the checkpointed EMA (a fresh copy of the weights would differ)."""
+    ws = killed_ft_two_ranks
+    shutil.copytree(ws / "runs/ft_el", ws / "runs/ft_el2")
+    full = _launch([*FT_BASE, "finetune.output_dir=runs/ft_full"], ws)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    two = _launch([*FT_BASE, "finetune.output_dir=runs/ft_el2"], ws)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "resumed from runs/ft_el2/checkpoints/step00000003: step 3/6" in two.stdout
+    full_losses = _losses(ws / "runs/ft_full")
+    assert [r["step"] for r in full_losses] == list(range(1, 7))
+    assert _losses(ws / "runs/ft_el2") == full_losses
+    summary = lambda run: json.loads((ws / run / "summary.json").read_text())  # noqa: E731
+    assert summary("runs/ft_el2")["top1"] == summary("runs/ft_full")["top1"]
+
+    def states(run, step):
+        sd = torch.load(ws / run / f"checkpoints/step{step:08d}/mp_rank_00_model_states.pt", weights_only=False)
+        return sd["module"], sd["ema"]
+
+    weights3, ema3 = states("runs/ft_el2", 3)
+    assert any(not torch.equal(ema3[k], weights3[k]) for k in ema3)  # the EMA is not just the weights
+    for run in ("runs/ft_el2", "runs/ft_full"):
+        assert set(states(run, 6)[1]) == set(ema3)
+    resumed, uninterrupted = states("runs/ft_el2", 6)[1], states("runs/ft_full", 6)[1]
+    for k, v in uninterrupted.items():
+        assert torch.equal(resumed[k], v), f"EMA {k} differs after the resume"
 
 
 def test_rebatch_keeps_the_global_batch_or_refuses_in_one_line():

@@ -122,3 +122,33 @@ def test_demo_command_small(tmp_path):
     # a rerun skips every finished stage
     again = run_py([REPO / "launch/demo.py", "--out", tmp_path / "demo"], cwd=tmp_path, env={"MAPET_DEMO_SMALL": "1"})
     assert "== 3/5" not in again.stdout and "== 4/5" not in again.stdout and "== summary" in again.stdout
+
+
+INIT_CHECK = """
+import json, sys, torch
+from mapet_ds.config import load_config
+from mapet_ds.engine.dist import init_distributed
+from mapet_ds.engine.finetune import build_trainer
+from mapet_ds.interop.export import export_timm
+
+export_timm("runs/for_ft", "exports/for_ft.pth")  # what launch/export.py writes
+exported = torch.load("exports/for_ft.pth", weights_only=True)
+cfg = load_config("finetune.yaml", ["finetune.init=runs/for_ft", "finetune.output_dir=runs/ft_init"])
+trainer, step = build_trainer(cfg, sys.argv[1], init_distributed())
+model = trainer.module.state_dict()
+ema = step.ema.module.state_dict()
+same = [k for k, v in exported.items() if k in model and torch.equal(model[k], v) and torch.equal(ema[k], v)]
+print(json.dumps({"exported": sorted(exported), "same": sorted(same), "model": sorted(model)}))
+"""
+
+
+def test_finetune_starts_from_exactly_the_exported_backbone(pretrained):
+    """The classifier the fine-tune trains (and its EMA) holds, at step 0, the exported backbone bitwise:
+    every exported tensor but the pre-training final norm (replaced by fc_norm), nothing else new."""
+    ws = pretrained
+    (ws / "exports").mkdir(exist_ok=True)
+    proc = run_py(["-c", INIT_CHECK, ZERO2], cwd=ws)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(res["exported"]) - set(res["same"]) == {"norm.weight", "norm.bias"}
+    assert len(res["same"]) == len(res["exported"]) - 2 > 20
+    assert set(res["model"]) - set(res["same"]) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import deepspeed
+import numpy as np
 import torch
 
 from mapet_ds.config import ConfigError, RunConfig, TrainConfig, config_to_dict, save_config
@@ -111,7 +113,11 @@ class Trainer:
         self.state = TrainState()
         self.plan_generator = torch.Generator(device=dist.device)
         self.plan_generator.manual_seed(self.train.seed * 1000 + dist.rank)
-        torch.manual_seed(self.train.seed * 1000 + dist.rank)  # drop-path draws differ per rank
+        # drop-path draws differ per rank; timm's Mixup/CutMix draw from numpy's global RNG and
+        # RandomErasing from Python's, so those are seeded too (a new run repeats exactly)
+        torch.manual_seed(self.train.seed * 1000 + dist.rank)
+        random.seed(self.train.seed * 1000 + dist.rank)
+        np.random.seed(self.train.seed * 1000 + dist.rank)
 
         loader_state, rng = None, None
         self.resumed_from: Optional[Path] = None

@@ -131,7 +131,9 @@ class PretrainModel(nn.Module):
             raise ValueError(f"plan is for {plan.kind!r} but the model was built for {self.objective!r}")
         logits = self.lm_head(self.forward_features(images, plan))
         targets = tokens.long().gather(1, plan.predicted)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        # at least fp32 (bf16/fp16 logits are upcast; fp64 stays fp64 for the reference test)
+        loss_dtype = torch.promote_types(logits.dtype, torch.float32)
+        loss = F.cross_entropy(logits.flatten(0, 1).to(loss_dtype), targets.flatten())
         with torch.no_grad():
             hits = logits.argmax(-1) == targets
         return {"loss": loss, "acc": hits.float().mean(), "logits": logits, "targets": targets, "hits": hits}
