@@ -198,6 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res = step.last_eval or step.run_eval(trainer)  # resumed after the final checkpoint: evaluate now
         if dist.is_main:
             summary = {"mIoU": res["mIoU"], "mAcc": res["mAcc"], "aAcc": res["aAcc"], "images": res["images"],
+                       "pixels": int(res["pixels"].sum()),
                        "best_mIoU": trainer.state.extra.get("best_mIoU"), "step": trainer.state.step,
                        "run_dir": str(trainer.run_dir)}
             atomic_write_text(trainer.run_dir / "summary.json", json.dumps(summary) + "\n")

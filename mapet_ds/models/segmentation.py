@@ -114,9 +114,11 @@ class ViTUperNet(nn.Module):
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images [B,3,S,S] -> the 4 pyramid levels (see ViTPyramid)."""
-        feats = self.backbone.forward_intermediates(images, indices=self.out_indices, norm=False,
+        taps = sorted(set(self.out_indices))  # timm returns each block once (tiny test models repeat one)
+        feats = self.backbone.forward_intermediates(images, indices=taps, norm=False,
                                                     output_fmt="NCHW", intermediates_only=True)
-        return self.pyramid(feats)
+        by_block = dict(zip(taps, feats))
+        return self.pyramid([by_block[i] for i in self.out_indices])
 
     def forward(self, images: torch.Tensor):
         levels = self.features(images)
