@@ -166,3 +166,15 @@ def test_make_seglist_checks_pairs(tmp_path):
     assert "label 151 > 150" in err(lambda: Image.new("L", (20, 16), 151).save(m))
     assert "is 20x16 but its mask" in err(lambda: Image.new("L", (10, 16), 1).save(m))
     assert "has no mask" in err(lambda: m.unlink())
+
+
+def test_seglist_refuses_a_classification_list(tmp_path):
+    from mapet_ds.filelist import FileListError
+    from mapet_ds.pipelines.segmentation import read_seglist
+
+    (tmp_path / "train.txt").write_text("a/x.JPEG\t3\n")
+    with pytest.raises(FileListError, match=r"train.txt:1: second column '3' is a class index, not a mask"):
+        read_seglist(tmp_path / "train.txt")
+    (tmp_path / "seg.txt").write_text("x.jpg\tx.png\n")
+    with pytest.raises(FileListError, match="1 listed file\\(s\\) do not exist"):
+        read_seglist(tmp_path / "seg.txt")

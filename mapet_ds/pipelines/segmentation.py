@@ -84,6 +84,10 @@ def read_seglist(path: str | os.PathLike, root: str | os.PathLike | None = None,
         if len(parts) != 2 or not all(p.strip() for p in parts):
             raise FileListError(f"{path}:{lineno}: expected '<image>\\t<mask>', got {line!r} "
                                 f"(is this a classification list? make one with data/make_seglist.py)")
+        if parts[1].strip().isdigit():
+            raise FileListError(f"{path}:{lineno}: second column {parts[1].strip()!r} is a class index, not a mask: "
+                                f"a classification list; segmentation needs '<image>\\t<mask>' lines "
+                                f"(data/make_seglist.py, or make_demo.py --segmentation)")
         images.append(parts[0].strip())
         masks.append(parts[1].strip())
         lines.append(lineno)
