@@ -178,3 +178,14 @@ def test_seglist_refuses_a_classification_list(tmp_path):
     (tmp_path / "seg.txt").write_text("x.jpg\tx.png\n")
     with pytest.raises(FileListError, match="1 listed file\\(s\\) do not exist"):
         read_seglist(tmp_path / "seg.txt")
+
+
+def test_poly_schedule_after_linear_warmup():
+    from mapet_ds.config import OptimConfig
+    from mapet_ds.engine.segment import PolySchedule
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    s = PolySchedule(opt, OptimConfig(lr=1e-3, min_lr=0.0, warmup_lr=0.0, warmup_steps=10), 110, 10)
+    lrs = [s.apply(t)[0] for t in (0, 5, 10, 60, 109)]
+    # warmup 0 -> lr over 10 steps, then lr * (1 - t / 100) (mmseg poly, power 1, min_lr 0)
+    assert lrs == pytest.approx([0.0, 5e-4, 1e-3, 5e-4, 1e-5])
