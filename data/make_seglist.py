@@ -41,8 +41,10 @@ def check_pair(image: str, mask: str, max_label: int, ignore: int) -> str | None
             isize = im.size
         with Image.open(mask) as m:
             msize, mode = m.size, m.mode
-            if mode not in ("L", "P"):
-                return f"mask {mask} has mode {mode}: expected a single-channel 8-bit PNG (label per pixel)"
+            if mode != "L":
+                # a palette PNG would be decoded through its palette (colours, not indices) by DALI
+                return (f"mask {mask} has mode {mode}: expected a greyscale 8-bit PNG holding the label per pixel "
+                        f"(convert palette masks with PIL: Image.fromarray(np.asarray(im)).save(...))")
             arr = np.asarray(m)
     except OSError as e:
         return f"cannot read {e.filename or image}: {e}"

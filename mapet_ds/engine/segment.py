@@ -182,6 +182,12 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
     flops = 2.0 * sum(p.numel() for p in model.backbone.parameters()) * tokens
     trainer = Trainer(cfg, "segment", ds_config, model, dist, build_loader, step, flops_per_image=flops,
                       layer_decay=cfg.optim.layer_decay, step_hook=step.step_hook)
+    if trainer.micro_batch < 2 and not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+        # the UperNet PPM's 1x1 pooled branch has one value per channel per image: BatchNorm
+        # needs >= 2 images per normalisation group (BEiT: 2 per GPU, SyncBN over 8 GPUs)
+        raise ConfigError(f"segment: micro batch {trainer.micro_batch} per rank without SyncBatchNorm (CUDA, > 1 rank): "
+                          f"BatchNorm in the UperNet decoder needs >= 2 images; set segment.micro_batch_size=2 "
+                          f"(with segment.grad_accum to keep segment.global_batch_size)")
     trainer.schedule = PolySchedule(trainer.optimizer, cfg.optim, trainer.total_steps, trainer.steps_per_epoch)
     step.trainer = trainer
     return trainer, step
