@@ -92,12 +92,29 @@ def _polygon(cx, cy, r, n, rot, inner=None):
     return pts
 
 
-def draw_sample(cls: str, rng: np.random.Generator, size: int) -> Image.Image:
-    """One RGB image of class ``cls``, sides in [size, 1.25 * size]."""
+class _Both:
+    """Draws every shape on the image and, with the class's label as fill, on its mask."""
+
+    def __init__(self, img: Image.Image, mask: Image.Image | None, label: int):
+        self.d, self.m, self.label = ImageDraw.Draw(img), (ImageDraw.Draw(mask) if mask is not None else None), label
+
+    def __getattr__(self, op):
+        def draw(*args, **kw):
+            getattr(self.d, op)(*args, **kw)
+            if self.m is not None:
+                getattr(self.m, op)(*args, **{k: (self.label if k in ("fill", "outline") else v) for k, v in kw.items()})
+        return draw
+
+
+def draw_sample(cls: str, rng: np.random.Generator, size: int, with_mask: bool = False):
+    """One RGB image of class ``cls``, sides in [size, 1.25 * size]; with ``with_mask`` also its
+    mask (PIL "L"): ADE convention, 1 = background, 2 + class index = the shape's pixels
+    (0, ignore, is not used). Drawing the mask draws no random numbers: images are unchanged."""
     w, h = (int(v) for v in rng.integers(size, int(size * 1.25) + 1, 2))
     bg, fg = _colours(rng)
     img = _background(rng, w, h, bg)
-    d = ImageDraw.Draw(img)
+    mask = Image.new("L", (w, h), 1) if with_mask else None
+    d = _Both(img, mask, 2 + CLASSES.index(cls))
     s = min(w, h)
     cx = w / 2 + rng.uniform(-0.12, 0.12) * s
     cy = h / 2 + rng.uniform(-0.12, 0.12) * s
@@ -146,7 +163,8 @@ def draw_sample(cls: str, rng: np.random.Generator, size: int) -> Image.Image:
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
     arr = np.asarray(img, dtype=np.float32)
     arr = arr + rng.normal(0, rng.uniform(0, 8), arr.shape)
-    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    out = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    return (out, mask) if with_mask else out
 
 
 def _save_jpeg(img: Image.Image, path: Path, quality: int) -> None:
@@ -166,7 +184,8 @@ def _refuse_foreign_dataset(out: Path, classes: tuple[str, ...]) -> None:
 
 
 def make_demo(out_dir: str | os.PathLike, *, num_train_per_class: int = 260, num_val_per_class: int = 50,
-              size: int = 80, seed: int = 0, classes: tuple[str, ...] = CLASSES) -> dict[str, Path]:
+              size: int = 80, seed: int = 0, classes: tuple[str, ...] = CLASSES,
+              segmentation: bool = False) -> dict[str, Path]:
     """Write the demo images and their file lists under ``out_dir``; return the list paths."""
     if size < 16:
         raise ValueError(f"size={size}: use at least 16 px")
@@ -179,9 +198,31 @@ def make_demo(out_dir: str | os.PathLike, *, num_train_per_class: int = 260, num
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(counts[split]):
                 rng = np.random.default_rng([seed, split_idx, cls_idx, i])
-                img = draw_sample(cls, rng, size)
+                img = draw_sample(cls, rng, size, with_mask=segmentation)
+                if segmentation:
+                    img, mask = img
+                    buf = io.BytesIO()
+                    mask.save(buf, format="PNG")
+                    (out / "masks" / split / cls).mkdir(parents=True, exist_ok=True)
+                    atomic_write_bytes(out / "masks" / split / cls / f"{cls}_{i:05d}.png", buf.getvalue())
                 _save_jpeg(img, folder / f"{cls}_{i:05d}.JPEG", quality=int(rng.integers(80, 96)))
-    return make_filelists(out)
+    written = make_filelists(out)
+    if segmentation:
+        written.update(_write_seglists(out, classes, counts))
+    return written
+
+
+def _write_seglists(out: Path, classes: tuple[str, ...], counts: dict[str, int]) -> dict[str, Path]:
+    """OUT/seg_{train,val}.txt (``image<TAB>mask``) and OUT/seg_classes.txt (after reduce_zero_label)."""
+    from mapet_ds.safe_io import atomic_write_text
+
+    written = {}
+    for split in SPLITS:
+        lines = [f"{split}/{c}/{c}_{i:05d}.JPEG\tmasks/{split}/{c}/{c}_{i:05d}.png\n"
+                 for c in classes for i in range(counts[split])]
+        written[f"seg_{split}"] = atomic_write_text(out / f"seg_{split}.txt", "".join(lines))
+    atomic_write_text(out / "seg_classes.txt", "".join(f"{c}\n" for c in ("background", *classes)))
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,10 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-val-per-class", type=int, default=50)
     ap.add_argument("--size", type=int, default=80, help="shorter image side lower bound, px (default 80)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--segmentation", action="store_true",
+                    help="also write each image's shape mask (OUT/masks/...) and OUT/seg_{train,val}.txt")
     args = ap.parse_args(argv)
     try:
         written = make_demo(args.out, num_train_per_class=args.num_train_per_class,
-                            num_val_per_class=args.num_val_per_class, size=args.size, seed=args.seed)
+                            num_val_per_class=args.num_val_per_class, size=args.size, seed=args.seed,
+                            segmentation=args.segmentation)
     except UnsafeWriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -245,6 +245,47 @@ class FinetuneConfig(TrainConfig):
     eval_every: int = Field(1, gt=0)
 
 
+class SegmentConfig(TrainConfig):
+    """Semantic segmentation (UperNet on the ViT, BEiT's ADE20K protocol; launch/segment.py)."""
+
+    output_dir: str = "runs/segment"
+    epochs: float = Field(1000, gt=0)
+    max_steps: Optional[int] = Field(160000, gt=0, description="optimizer steps (BEiT: 160k at batch 16)")
+    global_batch_size: int = Field(16, gt=0, description="images per optimizer step over all ranks")
+    init: Optional[str] = Field(None, description="pre-training run | fine-tuned run | exported/timm | release checkpoint")
+    num_classes: int = Field(150, gt=1, description="classes after reduce_zero_label (ADE20K: 150)")
+    reduce_zero_label: bool = Field(True, description="ADE convention: mask 0 = ignore, 1..K -> 0..K-1")
+    ignore_index: int = Field(255, ge=0, le=255, description="mask value excluded from loss and metrics")
+    class_names: Optional[str] = Field(None, description="text file, one class name per line (legend, IoU table)")
+    crop_size: int = Field(512, gt=0, description="square training crop / sliding window side, px")
+    img_scale: tuple[int, int] = Field((2048, 512), description="(long, short) bound the random rescale multiplies")
+    ratio_range: tuple[float, float] = Field((0.5, 2.0), description="random rescale factor range of img_scale")
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
+    photometric: bool = Field(True, description="mmseg PhotoMetricDistortion on the image (not the mask)")
+    out_indices: tuple[int, ...] = Field((3, 5, 7, 11), description="0-based blocks feeding the 4 pyramid levels")
+    decoder_channels: int = Field(768, gt=0, description="UperNet channels (BEiT: 768 for every size)")
+    aux_channels: int = Field(256, gt=0, description="auxiliary FCN head channels")
+    aux_weight: float = Field(0.4, ge=0, description="loss weight of the auxiliary FCN head")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the classifier convs")
+    eval_every: int = Field(16000, gt=0, description="evaluate every N optimizer steps (and at the end)")
+    eval_stride: int = Field(341, gt=0, description="sliding-window stride, px (BEiT: 341 at 512)")
+    eval_flip: bool = Field(False, description="average logits with the flipped image")
+    eval_scales: tuple[float, ...] = Field((1.0,), description="multi-scale test ratios of img_scale (mmseg aug test)")
+    vis_images: int = Field(4, ge=0, description="validation images in the overlay picture")
+
+    @model_validator(mode="after")
+    def _check_segment(self) -> "SegmentConfig":
+        if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+            raise ValueError(f"ratio_range={list(self.ratio_range)}: need 0 < lo <= hi")
+        if len(self.out_indices) != 4 or list(self.out_indices) != sorted(self.out_indices) or min(self.out_indices) < 0:
+            raise ValueError(f"out_indices={list(self.out_indices)}: need 4 non-decreasing block indices >= 0")
+        if self.eval_stride > self.crop_size:
+            raise ValueError(f"eval_stride={self.eval_stride} > crop_size={self.crop_size}: windows would skip pixels")
+        if self.ignore_index < self.num_classes:
+            raise ValueError(f"ignore_index={self.ignore_index} is a class id (num_classes={self.num_classes})")
+        return self
+
+
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -253,6 +294,7 @@ class RunConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    segment: SegmentConfig = Field(default_factory=SegmentConfig, description="semantic segmentation job")
 
     @model_validator(mode="after")
     def _cross_check(self) -> "RunConfig":

@@ -22,7 +22,8 @@ USER_ERRORS = (ConfigError, FileListError, NonFiniteStop, PipelineRunError, Unsa
 
 # What a training run writes inside its run dir besides config.yaml / ds_config.json, which
 # are rewritten with the same resolved content on resume (so --config RUN/config.yaml is fine).
-RUN_DIR_OUTPUTS = ("checkpoints", "vis", "tb", "metrics.jsonl", "best.pt", "best.json", "summary.json")
+RUN_DIR_OUTPUTS = ("checkpoints", "vis", "tb", "metrics.jsonl", "best.pt", "best.json", "summary.json",
+                   "iou_table.tsv", "seg_overlay.png")
 
 
 def job_parser(description: str) -> argparse.ArgumentParser:
