@@ -110,6 +110,11 @@ class TokenizerConfig(_Section):
     # sha256 (or a prefix) of the tokenizer spec that shards must carry (their manifest.json)
     fingerprint: Optional[str] = None
 
+    @property
+    def offline(self) -> bool:
+        """Targets read from a token store (k-means kinds unless ``online``), not made per step."""
+        return not self.online and self.kind not in ("vqkd", "dvae")
+
     @field_validator("vocab_size")
     @classmethod
     def _vocab(cls, v: int) -> int:
@@ -146,7 +151,7 @@ class DataConfig(_Section):
     # pre-training: torchvision ColorJitter(x, x, x) factors (contrast about the image mean);
     # applied in a fixed order (torchvision's is random: only clipping between steps differs)
     color_jitter: float = Field(0.4, ge=0)
-    # pre-training: one RRC + flip shared by the ViT and tokenizer views; online tokenizers only
+    # pre-training: one RRC + flip shared by the ViT and tokenizer views; online tokenization only
     # (an offline token store holds the centre-square view's tokens; refused with those)
     random_resized_crop: bool = False
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
@@ -196,6 +201,8 @@ class OptimConfig(_Section):
     eps: float = Field(1e-8, gt=0)
     clip_grad: Optional[float] = Field(3.0, gt=0)
     layer_decay: Optional[float] = Field(None, gt=0, le=1)
+    decay_mask_token: bool = Field(True, description="weight-decay the pre-training mask_token as the release does "
+                                   "(false: BEiT's no-decay list, mapet_ds < 0.2)")
 
     @field_validator("betas")
     @classmethod
@@ -243,6 +250,8 @@ class FinetuneConfig(TrainConfig):
     reprob: float = Field(0.25, ge=0, le=1)
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)
     eval_every: int = Field(1, gt=0)
+    head_init_std: float = Field(0.02, gt=0, description="trunc-normal std of the new classifier head (release 0.02; "
+                                 "MAE 2e-5)")
 
 
 class RunConfig(_Section):
@@ -267,11 +276,11 @@ class RunConfig(_Section):
             raise ValueError(
                 f"objective.min_block_patches={obj.min_block_patches} exceeds mask_patches={obj.mask_patches}"
             )
-        if self.data.random_resized_crop and self.tokenizer.kind not in ("vqkd", "dvae"):
+        if self.data.random_resized_crop and self.tokenizer.offline:
             raise ValueError(
                 f"data.random_resized_crop=true with the offline tokenizer.kind={self.tokenizer.kind!r}: its token "
                 f"store holds the tokens of the centre-square view, so a random crop would train every patch on "
-                f"another patch's target; set data.random_resized_crop=false, or use an online tokenizer (vqkd, dvae)"
+                f"another patch's target; set data.random_resized_crop=false, or tokenize online (tokenizer.online=true, or vqkd/dvae)"
             )
         m = obj.num_predicted(n)
         if obj.name != "mim" and not 1 <= m < n:

@@ -20,8 +20,11 @@ FINETUNE_OUTPUTS = ("images", "sample_ids")
 
 
 def tokenizer_view_spec(size: int) -> dict:
-    """What ``build_tokenizer_view`` shows the offline tokenizer; recorded in token stores."""
-    return {"crop": "center_square", "size": int(size), "interpolation": "bicubic"}
+    """What ``build_tokenizer_view`` shows the offline tokenizer; recorded in token stores.
+
+    ``crop_anchor``: odd margins of the centre square are floored (``common.CENTER_ANCHOR``).
+    """
+    return {"crop": "center_square", "size": int(size), "interpolation": "bicubic", "crop_anchor": C.CENTER_ANCHOR}
 
 
 def pretrain_view_spec(random_resized_crop: bool) -> dict:
@@ -30,7 +33,9 @@ def pretrain_view_spec(random_resized_crop: bool) -> dict:
     Offline tokens fit it only when crop and interpolation match the store's tokenizer
     view; sizes differ by design (the store's token grid is checked against the model).
     """
-    return {"crop": "random_resized_crop" if random_resized_crop else "center_square", "interpolation": "bicubic"}
+    if random_resized_crop:
+        return {"crop": "random_resized_crop", "interpolation": "bicubic"}
+    return {"crop": "center_square", "interpolation": "bicubic", "crop_anchor": C.CENTER_ANCHOR}
 
 
 def pretrain_outputs(with_tok_view: bool) -> tuple[str, ...]:
