@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from mapet_ds.filelist import FileList
 from mapet_ds.pipelines import common as C
-from mapet_ds.pipelines.randaugment import RandAugmentSpec, apply_rand_augment
+from mapet_ds.pipelines.randaugment import RandAugmentSpec, apply_rand_augment, timm_fill
 
 TOKENIZER_VIEW_OUTPUTS = ("images", "sample_ids")
 EVAL_OUTPUTS = ("images", "sample_ids")
@@ -145,7 +145,7 @@ def build_finetune_train(fl: FileList, *, img_size: int, batch_size: int, shard_
                          std: Sequence[float], checkpoint: bytes | None, interpolation: str = "bicubic",
                          prefetch_queue_depth: int = 2, reader: Callable[[], tuple] | None = None):
     """RRC (resized with ``interpolation``, timm's RandomResizedCropAndInterpolation) + flip +
-    RandAugment + normalise. -> images float32 [B,3,S,S], ids [B] (+ the ``reader``'s extra
+    RandAugment (filling with ``mean`` in 0..255) + normalise, in timm's ``create_transform`` order. -> images float32 [B,3,S,S], ids [B] (+ the ``reader``'s extra
     outputs, as in build_pretrain)."""
     from nvidia.dali import fn, types
 
@@ -158,10 +158,11 @@ def build_finetune_train(fl: FileList, *, img_size: int, batch_size: int, shard_
                                             random_area=list(scale), random_aspect_ratio=list(ratio),
                                             num_attempts=10)
         img = fn.resize(img, size=[img_size, img_size], interp_type=interp, antialias=True)
+        if hflip > 0:  # before RandAugment, as timm: a translate/shear sign is not undone by the flip
+            img = fn.flip(img, horizontal=fn.random.coin_flip(probability=hflip))
         if rand_augment is not None:
-            img = apply_rand_augment(img, rand_augment, img_size=img_size)
-        flip = fn.random.coin_flip(probability=hflip) if hflip > 0 else None
-        return (C.normalize_chw(img, mean=mean, std=std, mirror=flip), ids, *extra)
+            img = apply_rand_augment(img, rand_augment, img_size=img_size, fill=timm_fill(mean))
+        return (C.normalize_chw(img, mean=mean, std=std), ids, *extra)
 
     return _build(graph, batch_size=batch_size, num_threads=num_threads, mode=mode,
                   seed=C.rank_seed(seed, shard_id, salt=2), checkpoint=checkpoint, checkpointing=True,
