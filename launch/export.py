@@ -20,13 +20,26 @@ import argparse
 import json
 import sys
 
-from mapet_ds.config import ConfigError
+from pathlib import Path
+
+from mapet_ds.config import ConfigArgumentParser, ConfigError
 from mapet_ds.interop.export import CheckpointError, export_timm, sidecar_path
 from mapet_ds.safe_io import UnsafeWriteError
 
 
+def _run_config(ns: argparse.Namespace):
+    """--print-config without --config: the config.yaml of the run being exported (else defaults)."""
+    if ns.from_mapet_release or not ns.paths:
+        return None
+    src = Path(ns.paths[0])
+    for cand in (src / "config.yaml", src.parent / "config.yaml", src.parent.parent / "config.yaml"):
+        if cand.is_file():
+            return str(cand)
+    return None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ConfigArgumentParser(default_config=_run_config,
         usage="%(prog)s SRC OUT [--kind backbone|classifier] [--config CONFIG] [--ema] [--allow-unmarked]\n"
               "       %(prog)s --from-mapet-release FILE OUT",
         description=__doc__.split("\n\n")[0],

@@ -208,7 +208,18 @@ def main(argv=None) -> None:
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=cmd_stats)
 
+    for sp in sub.choices.values():
+        sp.add_argument("--print-config", action="store_true",
+                        help="print the resolved arguments (flags + defaults) as YAML and exit; reads no data "
+                             "(tokens.py takes no recipe)")
     a = p.parse_args(argv)
+    if a.print_config:
+        import yaml
+
+        print(yaml.safe_dump({"command": a.cmd, **{k: v for k, v in vars(a).items()
+                                                   if k not in ("fn", "cmd", "print_config")}}, sort_keys=False),
+              end="")
+        return
     from mapet_ds.engine.errors import run_main
     from mapet_ds.filelist import FileListError
     from mapet_ds.pipelines.common import PipelineRunError

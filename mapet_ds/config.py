@@ -11,9 +11,11 @@ value and what is allowed::
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -428,3 +430,47 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     from mapet_ds.safe_io import atomic_write_text
 
     return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------
+# --print-config (every launch script)
+
+PRINT_CONFIG_HELP = ("print the fully resolved config (recipe + _base_ + overrides + defaults) as YAML and exit; "
+                     "reads no data and touches no device")
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    """The fully resolved config as YAML (what save_config writes; load_config reads it back equal)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``--print-config`` is answered inside ``parse_args``.
+
+    The namespace's ``config`` (a recipe path or None) and ``overrides`` (dotted strings)
+    are resolved with ``load_config`` and printed as YAML; the process exits 0, or 2 with
+    one ``error:`` line for a bad config, before the script builds anything. Launch scripts
+    get it through ``engine.cli.job_parser``. ``default_config(namespace)`` names the
+    config to use when ``--config`` is not given (e.g. a run's config.yaml).
+    """
+
+    def __init__(self, *args: Any, default_config: Optional[Callable[[argparse.Namespace], Optional[str]]] = None,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._default_config = default_config
+        self.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
+
+    def parse_known_args(self, args=None, namespace=None):  # argparse's parse_args calls this one
+        ns, rest = super().parse_known_args(args, namespace)
+        if getattr(ns, "print_config", False):
+            try:
+                path = getattr(ns, "config", None)
+                if path is None and self._default_config is not None:
+                    path = self._default_config(ns)
+                cfg = load_config(path, getattr(ns, "overrides", None) or ())
+            except ConfigError as err:
+                self.exit(2, f"error: {err}\n")
+            sys.stdout.write(config_yaml(cfg))
+            sys.stdout.flush()
+            self.exit(0)
+        return ns, rest
