@@ -157,3 +157,28 @@ def test_store_with_old_rounding_is_refused_in_one_line(tmp_path):
             TokenStore.open(tmp_path / name, filelist=fl, view=pretrain_view_spec(False))
         msg = str(e.value)
         assert "\n" not in msg and "old centre-square rounding" in msg and "launch/tokens.py assign" in msg
+
+
+def test_online_kmeans_tokenizer_runs_in_the_step_with_a_random_resized_crop(tmp_path):
+    """tokenizer.online=true with a k-means kind: the codebook + its extractor tokenize the augmented
+    (randomly cropped) view in the step, exactly as `launch/tokens.py assign` would tokenize it."""
+    pytest.importorskip("faiss")
+    from mapet_ds.engine.pretrain import build_online_tokenizer
+    from mapet_ds.tokenizers import Codebook, KMeansTokenizer, PixelPatchExtractor
+    from mapet_ds.tokenizers.codebook import fit_codebook
+
+    ext = PixelPatchExtractor(patch_size=16, img_size=32, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 32, 32), generator=g, dtype=torch.uint8)
+    feats = ext.extract(images).reshape(-1, ext.extract(images[:1]).shape[-1]).numpy()
+    cb = Codebook(fit_codebook(feats, 8, niter=3, nredo=1, use_gpu=False), {"extractor": ext.spec()})
+    cb.save(tmp_path / "cb.pt")
+    common = ["model.size=null", "model.embed_dim=48", "model.depth=1", "model.num_heads=3", "model.img_size=32",
+              "tokenizer.kind=pixel_kmeans", "tokenizer.online=true", "tokenizer.vocab_size=8",
+              "data.random_resized_crop=true"]
+    cfg = load_config(None, common + [f"tokenizer.codebook={tmp_path / 'cb.pt'}"])
+    tok = build_online_tokenizer(cfg, torch.device("cpu"))
+    assert (tok.grid, tok.vocab_size, tok.input_size) == (2, 8, 32)
+    assert torch.equal(tok.tokenize(images[:4]), KMeansTokenizer(ext, cb).tokenize(images[:4]))
+    with pytest.raises(ConfigError, match=r"online=true needs tokenizer.codebook=<file>"):
+        build_online_tokenizer(load_config(None, common), torch.device("cpu"))
