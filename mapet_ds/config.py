@@ -115,7 +115,7 @@ class TokenizerConfig(_Section):
     input_size: Optional[int] = Field(
         None, gt=0, description="tokenizer input side in pixels (default: the tokenizer's own)")
     online: bool = Field(
-        False, description="tokenize the augmented view in the step (k-means kinds: from tokenizer.codebook), not a store")
+        False, description="tokenize the augmented view in the step (k-means kinds: with tokenizer.codebook)")
     # sha256 (or a prefix) of the tokenizer spec that shards must carry (their manifest.json)
     fingerprint: Optional[str] = Field(
         None, description="sha256 (or prefix) of the tokenizer spec that shards must carry")
