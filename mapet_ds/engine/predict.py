@@ -193,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               default_config=lambda ns: _run_config(ns.checkpoint))
     ap.add_argument("checkpoint", help="fine-tuning run dir, tag dir, best.pt / exported .pth, or a timm folder "
                                        "(launch/export.py --timm-dir)")
-    ap.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
+    ap.add_argument("images", nargs="*", help="image files and folders (searched recursively)")
     ap.add_argument("--topk", type=int, default=5)
     ap.add_argument("--json", action="store_true", help="one JSON object per image on stdout (JSON lines)")
     ap.add_argument("--config", default=None, help="config of the run (default: its config.yaml)")
@@ -203,6 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--device", default="auto", help="auto (GPU decode + model when CUDA is there) | cpu | mixed")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if not args.images:
+        ap.error("give at least one image file or folder")
     if args.topk < 1 or args.batch_size < 1:
         ap.error("--topk and --batch-size must be >= 1")
     from mapet_ds.interop.export import CheckpointError
