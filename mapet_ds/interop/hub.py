@@ -10,6 +10,7 @@ timm's own ``save_for_hf`` writes the folder (nothing is hand-written), so
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -115,8 +116,11 @@ def export_timm_dir(src: str | os.PathLike, out_dir: str | os.PathLike, *, kind:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # exclusive, never a pre-placed link
     try:
-        save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True,
-                    data_config=eval_data_config(cfg, kwargs["img_size"], kwargs["in_chans"]))
+        view = eval_data_config(cfg, kwargs["img_size"], kwargs["in_chans"])
+        # older timm (no data_config argument) writes model.pretrained_cfg as it is: set the view there too
+        model.pretrained_cfg = {**model.pretrained_cfg, **view}
+        extra = {"data_config": view} if "data_config" in inspect.signature(save_for_hf).parameters else {}
+        save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True, **extra)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
