@@ -17,9 +17,11 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from mapet_ds.config import ConfigArgumentParser
     from mapet_ds.engine.cli import DEFAULT_DS_CONFIG
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --print-config: the pre-training recipe with the overrides (each objective sets objective.name)
+    ap = ConfigArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="pre-training recipe (launch/recipes/*.yaml)")
     ap.add_argument("--finetune-config", default=None, help="fine-tuning recipe (default: --config)")
     ap.add_argument("--objectives", default="mim,pet,mapet", help="comma-separated: mim, pet, mapet")

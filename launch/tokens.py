@@ -73,10 +73,10 @@ def cmd_fit(a: argparse.Namespace) -> None:
     print(f"[fit] {info['num_vectors']:,} vectors x {feats.shape[1]} dims from {info['images_used']:,} images "
           f"({'-'.join(map(str, sorted(set(info['patches_per_image']))))} patches each); {feats.nbytes / 2**30:.2f} GiB", flush=True)
     centroids, stats = fit_codebook(
-        feats, a.k, niter=a.niter, nredo=a.nredo, seed=a.seed, max_points_per_centroid=a.max_points_per_centroid,
+        feats, a.k, niter=a.niter, nredo=a.nredo, seed=a.kmeans_seed, max_points_per_centroid=a.max_points_per_centroid,
         spherical=a.spherical, use_gpu=use_gpu, verbose=a.verbose, return_stats=True,
     )
-    kmeans = {"niter": a.niter, "nredo": a.nredo, "seed": a.seed, "max_points_per_centroid": a.max_points_per_centroid,
+    kmeans = {"niter": a.niter, "nredo": a.nredo, "seed": a.kmeans_seed, "sample_seed": a.seed, "max_points_per_centroid": a.max_points_per_centroid,
               "spherical": a.spherical, "gpu": stats["gpu"], "objective": stats["objective"], "seconds": stats["seconds"]}
     codebook = Codebook(centroids, codebook_meta(extractor.spec(), info, kmeans))
     codebook.save(a.out)
@@ -182,7 +182,8 @@ def main(argv=None) -> None:
     f.add_argument("--patches-per-image", type=int, default=None, help="default: spread the cap over all sampled images")
     f.add_argument("--niter", type=int, default=20)
     f.add_argument("--nredo", type=int, default=5, help="k-means runs, best kept (release: 5)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="seed of the feature sample (which images and patches)")
+    f.add_argument("--kmeans-seed", type=int, default=1234, help="faiss k-means seed (default 1234: faiss's own, as the release)")
     f.add_argument("--spherical", action="store_true")
     f.add_argument("--faiss-gpu", default="auto", type=lambda s: s if s == "auto" else s.lower() in ("1", "true", "yes"))
     f.add_argument("--verbose", action="store_true", help="faiss k-means progress")
@@ -207,7 +208,18 @@ def main(argv=None) -> None:
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=cmd_stats)
 
+    for sp in sub.choices.values():
+        sp.add_argument("--print-config", action="store_true",
+                        help="print the resolved arguments (flags + defaults) as YAML and exit; reads no data "
+                             "(tokens.py takes no recipe)")
     a = p.parse_args(argv)
+    if a.print_config:
+        import yaml
+
+        print(yaml.safe_dump({"command": a.cmd, **{k: v for k, v in vars(a).items()
+                                                   if k not in ("fn", "cmd", "print_config")}}, sort_keys=False),
+              end="")
+        return
     from mapet_ds.engine.errors import run_main
     from mapet_ds.filelist import FileListError
     from mapet_ds.pipelines.common import PipelineRunError

@@ -11,9 +11,11 @@ value and what is allowed::
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -42,25 +44,29 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """ViT backbone. ``size`` fills embed_dim/depth/num_heads unless given explicitly."""
 
-    size: Optional[Literal["tiny", "small", "base", "large"]] = "base"
-    embed_dim: Optional[int] = Field(None, gt=0)
-    depth: Optional[int] = Field(None, gt=0)
-    num_heads: Optional[int] = Field(None, gt=0)
-    patch_size: int = Field(16, gt=0)
-    img_size: int = Field(224, gt=0)
-    in_chans: int = Field(3, gt=0)
-    mlp_ratio: float = Field(4.0, gt=0)
-    drop_path: float = Field(0.1, ge=0, lt=1)
-    layer_scale_init: Optional[float] = Field(0.1, gt=0)
-    grad_checkpointing: bool = False
+    size: Optional[Literal["tiny", "small", "base", "large"]] = Field(
+        "base", description="ViT size preset filling embed_dim, depth, num_heads; null to give them explicitly")
+    embed_dim: Optional[int] = Field(None, gt=0, description="token width D (default: from size)")
+    depth: Optional[int] = Field(None, gt=0, description="number of transformer blocks (default: from size)")
+    num_heads: Optional[int] = Field(None, gt=0, description="attention heads per block (default: from size)")
+    patch_size: int = Field(16, gt=0, description="patch side in pixels")
+    img_size: int = Field(224, gt=0, description="input side in pixels (must be a multiple of patch_size)")
+    in_chans: int = Field(3, gt=0, description="input image channels")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width / embed_dim")
+    drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate (the last block's; linear from 0)")
+    layer_scale_init: Optional[float] = Field(
+        0.1, gt=0, description="LayerScale init value (timm init_values); null: no layer scale")
+    grad_checkpointing: bool = Field(
+        False, description="recompute block activations in the backward pass (timm set_grad_checkpointing)")
     # Two-stream (mapet/pet) attention: "sdpa" = one scaled_dot_product_attention call per
     # layer with a dense bool mask [B,1,L,K]; "flex" = FlexAttention with a BlockMask built
     # once per step from the per-row thresholds (compiled on CUDA; on CPU torch has no
     # FlexAttention backward, so CPU training evaluates the same mask_mod densely with sdpa).
     # MIM is single-stream and unmasked: it always uses timm's own attention (sdpa).
-    attention: Literal["sdpa", "flex"] = "sdpa"
+    attention: Literal["sdpa", "flex"] = Field(
+        "sdpa", description="two-stream attention kernel: sdpa (dense bool mask) or flex (FlexAttention BlockMask)")
     # torch.compile of each transformer block (one compiled graph shared by all blocks)
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile each transformer block")
 
     @model_validator(mode="after")
     def _resolve(self) -> "ModelConfig":
@@ -99,16 +105,25 @@ class TokenizerConfig(_Section):
     (or ``online: true``) run in the training step on the augmented view.
     """
 
-    kind: Literal["pixel_kmeans", "kclip", "vqkd", "dvae"] = "kclip"
-    vocab_size: int = Field(8192, gt=1)
-    token_store: Optional[str] = None
-    codebook: Optional[str] = None
-    weights: Optional[str] = None
-    clip_model: str = "RN50x64"
-    input_size: Optional[int] = Field(None, gt=0)
-    online: bool = False
+    kind: Literal["pixel_kmeans", "kclip", "vqkd", "dvae"] = Field(
+        "kclip", description="visual tokenizer: pixel_kmeans / kclip (offline token store) or vqkd / dvae (online)")
+    vocab_size: int = Field(8192, gt=1, description="number of visual token classes the model predicts")
+    token_store: Optional[str] = Field(None, description="folder of the offline token store (launch/tokens.py assign)")
+    codebook: Optional[str] = Field(None, description="k-means codebook file (launch/tokens.py fit); shards pin it")
+    weights: Optional[str] = Field(None, description="tokenizer weights file for online vqkd / dvae")
+    clip_model: str = Field("RN50x64", description="open_clip model of the k-CLIP feature extractor")
+    input_size: Optional[int] = Field(
+        None, gt=0, description="tokenizer input side in pixels (default: the tokenizer's own)")
+    online: bool = Field(
+        False, description="tokenize the augmented view in the step (k-means kinds: with tokenizer.codebook)")
     # sha256 (or a prefix) of the tokenizer spec that shards must carry (their manifest.json)
-    fingerprint: Optional[str] = None
+    fingerprint: Optional[str] = Field(
+        None, description="sha256 (or prefix) of the tokenizer spec that shards must carry")
+
+    @property
+    def offline(self) -> bool:
+        """Targets read from a token store (k-means kinds unless ``online``), not made per step."""
+        return not self.online and self.kind not in ("vqkd", "dvae")
 
     @field_validator("vocab_size")
     @classmethod
@@ -121,12 +136,16 @@ class TokenizerConfig(_Section):
 class ObjectiveConfig(_Section):
     """Pre-training objective: mapet (METHOD.md 2), pet or mim (METHOD.md 3)."""
 
-    name: Literal["mapet", "pet", "mim"] = "mapet"
-    predicted_ratio: float = Field(0.75, gt=0, lt=1)
-    mask_patches: int = Field(75, gt=0)
-    min_block_patches: int = Field(16, gt=0)
-    max_block_patches: Optional[int] = Field(None, gt=0)
-    min_aspect: float = Field(0.3, gt=0, le=1)
+    name: Literal["mapet", "pet", "mim"] = Field(
+        "mapet", description="pre-training objective: mapet, pet (permuted) or mim (BEiT masking)")
+    predicted_ratio: float = Field(
+        0.75, gt=0, lt=1, description="mapet/pet: fraction of patches predicted (m = round(ratio * N))")
+    mask_patches: int = Field(75, gt=0, description="mim: number of masked patches per image")
+    min_block_patches: int = Field(16, gt=0, description="mim: smallest block of the BEiT block-wise mask")
+    max_block_patches: Optional[int] = Field(
+        None, gt=0, description="mim: largest block of the block-wise mask (null: no limit)")
+    min_aspect: float = Field(
+        0.3, gt=0, le=1, description="mim: smallest block aspect ratio (the largest is its inverse)")
 
     def num_predicted(self, num_patches: int) -> int:
         """m for mapet/pet; masked count for mim."""
@@ -138,33 +157,41 @@ class ObjectiveConfig(_Section):
 class DataConfig(_Section):
     """File lists (see mapet_ds.filelist) and augmentation of the DALI pipelines."""
 
-    train_list: Optional[str] = None
-    val_list: Optional[str] = None
-    root: Optional[str] = None
-    num_threads: int = Field(4, gt=0)
-    decode: Literal["auto", "cpu", "mixed"] = "auto"
+    train_list: Optional[str] = Field(None, description="training file list (data/make_filelist.py)")
+    val_list: Optional[str] = Field(None, description="validation file list")
+    root: Optional[str] = Field(None, description="image root of the lists (default: each list's folder)")
+    num_threads: int = Field(4, gt=0, description="DALI CPU threads per process")
+    decode: Literal["auto", "cpu", "mixed"] = Field(
+        "auto", description="JPEG decoding: auto (GPU when available), cpu or mixed (nvJPEG)")
     # pre-training: torchvision ColorJitter(x, x, x) factors (contrast about the image mean);
     # applied in a fixed order (torchvision's is random: only clipping between steps differs)
-    color_jitter: float = Field(0.4, ge=0)
-    # pre-training: one RRC + flip shared by the ViT and tokenizer views; online tokenizers only
+    color_jitter: float = Field(
+        0.4, ge=0, description="pre-training colour jitter strength (brightness, contrast, saturation)")
+    # pre-training: one RRC + flip shared by the ViT and tokenizer views; online tokenization only
     # (an offline token store holds the centre-square view's tokens; refused with those)
-    random_resized_crop: bool = False
-    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
-    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
-    crop_pct: float = Field(224 / 248, gt=0, le=1)
+    random_resized_crop: bool = Field(
+        False, description="pre-training random resized crop + flip (online tokenization only)")
+    mean: tuple[float, float, float] = Field(
+        IMAGENET_DEFAULT_MEAN, description="normalisation mean (RGB, 0..1); also RandAugment's fill colour")
+    std: tuple[float, float, float] = Field(IMAGENET_DEFAULT_STD, description="normalisation std (RGB, 0..1)")
+    crop_pct: float = Field(
+        224 / 248, gt=0, le=1, description="eval view: centre crop fraction (shorter side -> img_size / crop_pct)")
     # resize kernel of the eval view and of the fine-tune random resized crop (timm: bicubic)
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    rand_augment: Optional[str] = "rand-m9-mstd0.5"
-    scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = Field(0.5, ge=0, le=1)
+    interpolation: Literal["bicubic", "bilinear"] = Field(
+        "bicubic", description="resize kernel of the eval view and the fine-tune random resized crop")
+    rand_augment: Optional[str] = Field(
+        "rand-m9-mstd0.5", description="fine-tune timm RandAugment string (e.g. rand-m9-mstd0.5); null: none")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="fine-tune random resized crop area range")
+    hflip: float = Field(0.5, ge=0, le=1, description="fine-tune horizontal flip probability")
     # random tensors on the device instead of DALI + token store (throughput / MFU checks)
-    synthetic: bool = False
-    synthetic_samples: int = Field(10000, gt=0)
+    synthetic: bool = Field(False, description="random tensors instead of images and tokens (throughput checks)")
+    synthetic_samples: int = Field(10000, gt=0, description="samples per synthetic epoch")
     # batches DALI prepares ahead of the training step (its prefetch_queue_depth)
-    prefetch_queue_depth: int = Field(2, gt=0)
+    prefetch_queue_depth: int = Field(2, gt=0, description="batches DALI prepares ahead of the training step")
     # webdataset shard folders (data/make_shards.py) instead of train_list / val_list
-    train_shards: Optional[str] = None
-    val_shards: Optional[str] = None
+    train_shards: Optional[str] = Field(
+        None, description="training webdataset shard folder (data/make_shards.py) instead of train_list")
+    val_shards: Optional[str] = Field(None, description="validation shard folder instead of val_list")
 
     @model_validator(mode="after")
     def _lists_or_shards(self) -> "DataConfig":
@@ -185,17 +212,22 @@ class DataConfig(_Section):
 class OptimConfig(_Section):
     """AdamW with per-step warmup + cosine schedule (timm scheduler semantics)."""
 
-    lr: float = Field(1.5e-3, gt=0)
-    min_lr: float = Field(1e-5, ge=0)
-    warmup_lr: float = Field(1e-6, ge=0)
-    warmup_epochs: float = Field(10, ge=0)
-    warmup_steps: Optional[int] = Field(None, ge=0)
-    weight_decay: float = Field(0.05, ge=0)
-    weight_decay_end: Optional[float] = Field(None, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    clip_grad: Optional[float] = Field(3.0, gt=0)
-    layer_decay: Optional[float] = Field(None, gt=0, le=1)
+    lr: float = Field(1.5e-3, gt=0, description="peak learning rate (after warmup)")
+    min_lr: float = Field(1e-5, ge=0, description="final learning rate of the cosine schedule")
+    warmup_lr: float = Field(1e-6, ge=0, description="learning rate at step 0 of the warmup")
+    warmup_epochs: float = Field(10, ge=0, description="linear warmup length in epochs")
+    warmup_steps: Optional[int] = Field(
+        None, ge=0, description="warmup length in optimizer steps (overrides warmup_epochs)")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on 1-D params, pos_embed, cls_token)")
+    weight_decay_end: Optional[float] = Field(
+        None, ge=0, description="final weight decay of a cosine weight-decay schedule (null: constant)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    clip_grad: Optional[float] = Field(3.0, gt=0, description="gradient norm clip (null: none)")
+    layer_decay: Optional[float] = Field(
+        None, gt=0, le=1, description="layer-wise lr decay factor (fine-tuning; null: none)")
+    decay_mask_token: bool = Field(True, description="weight-decay the pre-training mask_token as the release does "
+                                   "(false: exempt it, as BEiT and earlier mapet_ds)")
 
     @field_validator("betas")
     @classmethod
@@ -208,48 +240,61 @@ class OptimConfig(_Section):
 class TrainConfig(_Section):
     """Loop settings shared by pre-training and fine-tuning."""
 
-    epochs: float = Field(300, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0)
-    global_batch_size: int = Field(2048, gt=0)
-    micro_batch_size: Optional[int] = Field(None, gt=0)
-    grad_accum: Optional[int] = Field(None, gt=0)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    output_dir: str = "runs/run"
-    log_every: int = Field(20, gt=0)
-    save_every: int = Field(1000, gt=0)
-    keep_last: int = Field(2, gt=0)
-    resume: str = "auto"
-    max_nonfinite: int = Field(5, gt=0)
-    seed: int = 0
-    peak_tflops: Optional[float] = Field(None, gt=0)
-    vis_every: Optional[int] = Field(None, gt=0)
+    epochs: float = Field(300, gt=0, description="training length in epochs")
+    max_steps: Optional[int] = Field(
+        None, gt=0, description="stop after this many optimizer steps (overrides epochs for the schedule)")
+    global_batch_size: int = Field(2048, gt=0, description="images per optimizer step over all ranks")
+    micro_batch_size: Optional[int] = Field(
+        None, gt=0, description="images per rank per forward (default: global / (world * grad_accum))")
+    grad_accum: Optional[int] = Field(
+        None, gt=0, description="micro-batches per optimizer step (default: from the batch sizes)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto (bf16 on GPUs that have it, else fp32), bf16, fp16 or fp32")
+    output_dir: str = Field("runs/run", description="run folder: checkpoints, metrics, config.yaml")
+    log_every: int = Field(20, gt=0, description="log metrics every this many steps")
+    save_every: int = Field(1000, gt=0, description="checkpoint every this many steps")
+    keep_last: int = Field(2, gt=0, description="complete checkpoints kept")
+    resume: str = Field(
+        "auto", description="auto (newest complete checkpoint of output_dir), none, or a checkpoint path")
+    max_nonfinite: int = Field(5, gt=0, description="consecutive non-finite losses before the run stops")
+    seed: int = Field(0, description="seed of data order, augmentation and masks")
+    peak_tflops: Optional[float] = Field(None, gt=0, description="accelerator peak TFLOP/s for MFU (default: detected)")
+    vis_every: Optional[int] = Field(
+        None, gt=0, description="write prediction pictures every this many steps (null: never)")
 
 
 class PretrainConfig(TrainConfig):
-    output_dir: str = "runs/pretrain"
+    output_dir: str = Field("runs/pretrain", description="pre-training run folder: checkpoints, metrics, config.yaml")
 
 
 class FinetuneConfig(TrainConfig):
-    output_dir: str = "runs/finetune"
-    epochs: float = Field(100, gt=0)
-    global_batch_size: int = Field(512, gt=0)
-    init: Optional[str] = None
-    num_classes: Optional[int] = Field(None, gt=1)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    mixup: float = Field(0.8, ge=0)
-    cutmix: float = Field(1.0, ge=0)
-    mixup_prob: float = Field(1.0, ge=0, le=1)
-    mixup_switch_prob: float = Field(0.5, ge=0, le=1)
-    reprob: float = Field(0.25, ge=0, le=1)
-    ema_decay: Optional[float] = Field(None, gt=0, lt=1)
-    eval_every: int = Field(1, gt=0)
+    output_dir: str = Field(
+        "runs/finetune", description="fine-tuning run folder: checkpoints, best.pt, metrics, config.yaml")
+    epochs: float = Field(100, gt=0, description="fine-tuning length in epochs")
+    global_batch_size: int = Field(512, gt=0, description="images per optimizer step over all ranks")
+    init: Optional[str] = Field(
+        None, description="pre-trained weights: run dir, tag, exported file or the authors' release (null: none)")
+    num_classes: Optional[int] = Field(None, gt=1, description="classes of the head (default: from the train list)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the cross-entropy (without mixup)")
+    mixup: float = Field(0.8, ge=0, description="Mixup alpha (0: off)")
+    cutmix: float = Field(1.0, ge=0, description="CutMix alpha (0: off)")
+    mixup_prob: float = Field(1.0, ge=0, le=1, description="probability of applying Mixup/CutMix to a batch")
+    mixup_switch_prob: float = Field(
+        0.5, ge=0, le=1, description="probability of CutMix instead of Mixup when both are on")
+    reprob: float = Field(0.25, ge=0, le=1, description="random erasing probability")
+    ema_decay: Optional[float] = Field(
+        None, gt=0, lt=1, description="EMA of the weights, evaluated alongside (null: off)")
+    eval_every: int = Field(1, gt=0, description="evaluate every this many epochs")
+    head_init_std: float = Field(0.02, gt=0, description="trunc-normal std of the new classifier head (release 0.02; "
+                                 "MAE 2e-5)")
 
 
 class SegmentConfig(TrainConfig):
     """Semantic segmentation (UperNet on the ViT, BEiT's ADE20K protocol; launch/segment.py)."""
 
-    output_dir: str = "runs/segment"
-    epochs: float = Field(1000, gt=0)
+    output_dir: str = Field(
+        "runs/segment", description="segmentation run folder: checkpoints, iou_table.tsv, seg_overlay.png, config.yaml")
+    epochs: float = Field(1000, gt=0, description="length in epochs when max_steps is null")
     max_steps: Optional[int] = Field(160000, gt=0, description="optimizer steps (BEiT: 160k at batch 16)")
     global_batch_size: int = Field(16, gt=0, description="images per optimizer step over all ranks")
     init: Optional[str] = Field(None, description="pre-training run | fine-tuned run | exported/timm | release checkpoint")
@@ -287,13 +332,13 @@ class SegmentConfig(TrainConfig):
 
 
 class RunConfig(_Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="ViT backbone")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="visual tokenizer of the targets")
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="pre-training objective")
+    data: DataConfig = Field(default_factory=DataConfig, description="file lists, shards and augmentation")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="AdamW and schedules")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="pre-training loop")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="fine-tuning loop")
     segment: SegmentConfig = Field(default_factory=SegmentConfig, description="semantic segmentation job")
 
     @model_validator(mode="after")
@@ -309,11 +354,12 @@ class RunConfig(_Section):
             raise ValueError(
                 f"objective.min_block_patches={obj.min_block_patches} exceeds mask_patches={obj.mask_patches}"
             )
-        if self.data.random_resized_crop and self.tokenizer.kind not in ("vqkd", "dvae"):
+        if self.data.random_resized_crop and self.tokenizer.offline:
             raise ValueError(
                 f"data.random_resized_crop=true with the offline tokenizer.kind={self.tokenizer.kind!r}: its token "
                 f"store holds the tokens of the centre-square view, so a random crop would train every patch on "
-                f"another patch's target; set data.random_resized_crop=false, or use an online tokenizer (vqkd, dvae)"
+                f"another patch's target; set data.random_resized_crop=false, or tokenize online "
+                f"(tokenizer.online=true, or vqkd/dvae)"
             )
         m = obj.num_predicted(n)
         if obj.name != "mim" and not 1 <= m < n:
@@ -461,3 +507,100 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     from mapet_ds.safe_io import atomic_write_text
 
     return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------
+# --print-config (every launch script)
+
+PRINT_CONFIG_HELP = ("print the fully resolved config (recipe + _base_ + overrides + defaults) as YAML and exit; "
+                     "reads no data and touches no device")
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    """The fully resolved config as YAML (what save_config writes; load_config reads it back equal)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``--print-config`` is answered inside ``parse_args``.
+
+    The namespace's ``config`` (a recipe path or None) and ``overrides`` (dotted strings)
+    are resolved with ``load_config`` and printed as YAML; the process exits 0, or 2 with
+    one ``error:`` line for a bad config, before the script builds anything. Launch scripts
+    get it through ``engine.cli.job_parser``. ``default_config(namespace)`` names the
+    config to use when ``--config`` is not given (e.g. a run's config.yaml).
+    """
+
+    def __init__(self, *args: Any, default_config: Optional[Callable[[argparse.Namespace], Optional[str]]] = None,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._default_config = default_config
+        self.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
+
+    def parse_known_args(self, args=None, namespace=None):  # argparse's parse_args calls this one
+        ns, rest = super().parse_known_args(args, namespace)
+        if getattr(ns, "print_config", False):
+            try:
+                path = getattr(ns, "config", None)
+                if path is None and self._default_config is not None:
+                    path = self._default_config(ns)
+                cfg = load_config(path, getattr(ns, "overrides", None) or ())
+            except ConfigError as err:
+                self.exit(2, f"error: {err}\n")
+            sys.stdout.write(config_yaml(cfg))
+            sys.stdout.flush()
+            self.exit(0)
+        return ns, rest
+
+
+# ---------------------------------------------------------------------------------------
+# Reference: python -m mapet_ds.config --reference > mapet_ds/docs/CONFIG.md
+
+REFERENCE_COMMAND = "python -m mapet_ds.config --reference > mapet_ds/docs/CONFIG.md"
+
+
+def _type_name(annotation: Any) -> str:
+    from typing import Union, get_args, get_origin
+
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin is Union:
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is tuple:
+        return f"[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:.6g}"
+        return text if any(c in text for c in ".en") else text + ".0"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def config_reference() -> str:
+    """Every config field as a markdown table (field, type, default, description); the
+    content of mapet_ds/docs/CONFIG.md."""
+    lines = ["# Config reference", "",
+             f"Generated from `mapet_ds/config.py` by `{REFERENCE_COMMAND}`; do not edit by hand",
+             "(tests/test_config_reference.py checks it is current). Set a field in a recipe",
+             "(`section:` then `key: value`) or on the command line as `section.key=value`;",
+             "`--print-config` on any launch script shows the resolved values.", ""]
+    for section, info in RunConfig.model_fields.items():
+        model = info.annotation
+        lines += [f"## `{section}`: {info.description}", "", "| field | type | default | description |",
+                  "|---|---|---|---|"]
+        for name, f in model.model_fields.items():
+            cell = [f"`{section}.{name}`", _type_name(f.annotation), f"`{_default(f.get_default())}`",
+                    f.description or ""]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cell) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--reference"]:
+        sys.exit("usage: python -m mapet_ds.config --reference   (prints the config reference as markdown)")
+    sys.stdout.write(config_reference())

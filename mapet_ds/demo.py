@@ -73,12 +73,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--small", action="store_true", default=os.environ.get("MAPET_DEMO_SMALL") == "1",
                     help="tiny CI-size run (also MAPET_DEMO_SMALL=1)")
     ap.add_argument("--ds_config", default=DEFAULT_DS_CONFIG)
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the configs of the demo's pre-training and fine-tuning runs (recipe + overrides + "
+                         "defaults) as YAML and exit")
     args = ap.parse_args(argv)
     size = SIZES["small" if args.small else "full"]
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     log = out / "demo.log"
     data, tokens, runs = out / "data", out / "tokens" / "train", out / "runs"
+    common = [f"data.train_list={data / 'train.txt'}", f"data.val_list={data / 'val.txt'}"]
+    batch = size["batch"]
+    pre = runs / "pretrain_mapet"
+    pre_overrides = [*common, f"tokenizer.token_store={tokens}", f"tokenizer.vocab_size={size['k']}",
+                     f"pretrain.output_dir={pre}", f"pretrain.max_steps={size['pretrain_steps']}",
+                     f"pretrain.global_batch_size={batch}"]
+
+    def ft_overrides(init: str, ft: Path) -> list[str]:
+        return [*common, f"finetune.init={init}", f"finetune.output_dir={ft}",
+                f"finetune.max_steps={size['finetune_steps']}", f"finetune.global_batch_size={batch}"]
+
+    if args.print_config:
+        from mapet_ds.config import config_yaml, load_config
+
+        print(f"# launch/pretrain.py --config {RECIPES / 'demo_pretrain.yaml'} ...\n---")
+        print(config_yaml(load_config(RECIPES / "demo_pretrain.yaml", pre_overrides)), end="")
+        print(f"# launch/finetune.py --config {RECIPES / 'demo_finetune.yaml'} ... (from the pre-trained run)\n---")
+        print(config_yaml(load_config(RECIPES / "demo_finetune.yaml", ft_overrides(str(pre), runs / "finetune_pretrained"))),
+              end="")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
     if not (data / "val.txt").is_file():
@@ -94,24 +117,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _run([sys.executable, str(REPO / "launch/tokens.py"), "assign", "--filelist", str(data / "train.txt"),
               "--codebook", str(codebook), "--out", str(tokens)], log, "2/5 write the token store")
 
-    common = [f"data.train_list={data / 'train.txt'}", f"data.val_list={data / 'val.txt'}"]
-    batch = size["batch"]
-    pre = runs / "pretrain_mapet"
     if not _finished_pretrain(pre, size["pretrain_steps"]):
         _run(_launcher(REPO / "launch/pretrain.py") + [
-            "--ds_config", args.ds_config, "--config", str(RECIPES / "demo_pretrain.yaml"), *common,
-            f"tokenizer.token_store={tokens}", f"tokenizer.vocab_size={size['k']}",
-            f"pretrain.output_dir={pre}", f"pretrain.max_steps={size['pretrain_steps']}",
-            f"pretrain.global_batch_size={batch}"], log, "3/5 pre-train MaPeT with DeepSpeed")
+            "--ds_config", args.ds_config, "--config", str(RECIPES / "demo_pretrain.yaml"), *pre_overrides],
+            log, "3/5 pre-train MaPeT with DeepSpeed")
 
     results = {}
     for name, init in (("pretrained", str(pre)), ("scratch", "")):
         ft = runs / f"finetune_{name}"
         if not (ft / "summary.json").is_file():
             _run(_launcher(REPO / "launch/finetune.py") + [
-                "--ds_config", args.ds_config, "--config", str(RECIPES / "demo_finetune.yaml"), *common,
-                f"finetune.init={init}", f"finetune.output_dir={ft}",
-                f"finetune.max_steps={size['finetune_steps']}", f"finetune.global_batch_size={batch}"],
+                "--ds_config", args.ds_config, "--config", str(RECIPES / "demo_finetune.yaml"),
+                *ft_overrides(init, ft)],
                 log, f"4/5 fine-tune the {'pre-trained' if init else 'randomly initialised'} ViT")
         ev = subprocess.run(_launcher(REPO / "launch/evaluate.py") + [str(ft / "best.pt"), "--config",
                             str(ft / "config.yaml")], capture_output=True, text=True)

@@ -112,7 +112,7 @@ def test_build_classifier_mean_pool_fc_norm_small_head(tiny_model_cfg):
     assert isinstance(model.norm, torch.nn.Identity)
     assert isinstance(model.fc_norm, torch.nn.LayerNorm)
     assert model.head.out_features == 10
-    assert model.head.weight.abs().max() < 1e-4 and model.head.bias.abs().max() == 0  # MAE: std 2e-5
+    assert 0.005 < model.head.weight.std() < 0.04 and model.head.bias.abs().max() == 0  # release: std 0.02
     assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     x = torch.randn(3, 3, 64, 64)
     model.eval()

@@ -47,7 +47,7 @@ def test_round_trip(tmp_path):
         (["model.size=null", "model.depth=4"], "set model.size or all of embed_dim/depth/num_heads (missing: embed_dim, num_heads)"),
         (["data.random_resized_crop=true"], "data.random_resized_crop=true with the offline tokenizer.kind='kclip': "
          "its token store holds the tokens of the centre-square view, so a random crop would train every patch on "
-         "another patch's target; set data.random_resized_crop=false, or use an online tokenizer (vqkd, dvae)"),
+         "another patch's target; set data.random_resized_crop=false, or tokenize online (tokenizer.online=true, or vqkd/dvae)"),
     ],
 )
 def test_rejections_are_one_line_and_name_the_field(overrides, expected):

@@ -69,7 +69,9 @@ def test_tokenizer_view_matches_pil_centre_square_in_list_order(demo):
     for i in range(len(fl)):
         pil = _pil(fl.abspath(i))
         side = min(pil.size)
-        ref = TF.resize(TF.center_crop(pil, [side, side]), [32, 32], interpolation=InterpolationMode.BICUBIC)
+        # the release's view: timm's RandomResizedCrop at scale 1, ratio 1 floors odd margins
+        top, left = (pil.size[1] - side) // 2, (pil.size[0] - side) // 2
+        ref = TF.resize(TF.crop(pil, top, left, side, side), [32, 32], interpolation=InterpolationMode.BICUBIC)
         ref = torch.from_numpy(np.array(ref)).permute(2, 0, 1).float()
         diffs.append((images[i].float() - ref).abs())
     d = torch.stack(diffs)

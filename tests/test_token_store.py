@@ -140,7 +140,8 @@ def test_store_records_tokenizer_view_and_refuses_another(tmp_path):
     fl = _filelist(tmp_path)
     assign_tokens(fl, _FakeTokenizer(), tmp_path / "tok", batch_size=4, loader=_fake_loader, progress=False)
     meta = json.loads((tmp_path / "tok" / "meta.json").read_text())
-    assert meta["view"] == {"crop": "center_square", "size": 8, "interpolation": "bicubic"} == tokenizer_view_spec(8)
+    assert meta["view"] == {"crop": "center_square", "size": 8, "interpolation": "bicubic",
+                            "crop_anchor": "floor"} == tokenizer_view_spec(8)
     TokenStore.open(tmp_path / "tok", filelist=fl, grid=2, view=pretrain_view_spec(False))  # the default view fits
     with pytest.raises(TokenStoreError) as e:
         TokenStore.open(tmp_path / "tok", filelist=fl, grid=2, view=pretrain_view_spec(True))
@@ -151,7 +152,7 @@ def test_store_records_tokenizer_view_and_refuses_another(tmp_path):
         f"this file list and tokenizer into a new --out from the training view")
 
 
-def test_store_without_view_assumes_centre_square_with_a_warning(tmp_path):
+def test_store_without_view_is_refused_as_the_old_centre_square(tmp_path):
     from mapet_ds.pipelines.graphs import pretrain_view_spec
 
     fl = _filelist(tmp_path)
@@ -162,7 +163,8 @@ def test_store_without_view_assumes_centre_square_with_a_warning(tmp_path):
     meta = json.loads(meta_path.read_text())
     assert meta.pop("view") is None
     meta_path.write_text(json.dumps(meta))  # as written before views were recorded
-    with pytest.warns(UserWarning, match=r"records no tokenizer view .*assuming the center_square crop, bicubic"):
+    # written before views (and the floored centre-square anchor) were recorded: refused in one line
+    with pytest.raises(TokenStoreError, match=r"made with the old centre-square rounding .*launch/tokens.py assign"):
         TokenStore.open(tmp_path / "tok", filelist=fl, view=pretrain_view_spec(False))
-    with pytest.warns(UserWarning), pytest.raises(TokenStoreError, match="crop 'center_square' vs 'random_resized"):
+    with pytest.raises(TokenStoreError, match="crop 'center_square' vs 'random_resized"):
         TokenStore.open(tmp_path / "tok", filelist=fl, view=pretrain_view_spec(True))

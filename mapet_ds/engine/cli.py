@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mapet_ds.config import ConfigError
+from mapet_ds.config import ConfigArgumentParser, ConfigError
 from mapet_ds.engine.ds_config import DEFAULT_DS_CONFIG
 from mapet_ds.engine.errors import run_main, set_run_dir
 from mapet_ds.engine.trainer import NonFiniteStop
@@ -27,7 +27,9 @@ RUN_DIR_OUTPUTS = ("checkpoints", "vis", "tb", "metrics.jsonl", "best.pt", "best
 
 
 def job_parser(description: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=description)
+    """--config, --ds_config, --local_rank, overrides; ``--print-config`` prints the resolved config
+    as YAML and exits inside ``parse_args`` (ConfigArgumentParser), before any data or device."""
+    ap = ConfigArgumentParser(description=description)
     ap.add_argument("--config", help="YAML recipe (launch/recipes/*.yaml)")
     ap.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default=DEFAULT_DS_CONFIG,
                     help="DeepSpeed JSON (default: ds_configs/zero2.json)")

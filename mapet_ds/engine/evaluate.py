@@ -7,13 +7,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Optional, Sequence
 
 
-from mapet_ds.config import ConfigError, load_config
+from mapet_ds.config import ConfigArgumentParser, ConfigError, load_config
 from mapet_ds.engine.cli import run_job
 from mapet_ds.engine.dist import init_distributed
 from mapet_ds.filelist import read_filelist
@@ -32,7 +31,8 @@ def _find_config(path: Path, meta: dict, explicit: Optional[str]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description="top-1/top-5 (or k-NN) of a checkpoint on a file list")
+    ap = ConfigArgumentParser(description="top-1/top-5 (or k-NN) of a checkpoint on a file list",
+                              default_config=lambda ns: _find_config(Path(ns.checkpoint), {}, None))
     ap.add_argument("checkpoint", help="run dir, checkpoint tag dir, best.pt or an exported file")
     ap.add_argument("--config", help="config with the model section (default: the run's config.yaml)")
     ap.add_argument("--filelist", help="eval file list (default: data.val_list of the config)")

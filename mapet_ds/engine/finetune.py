@@ -189,7 +189,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
     val_fl = open_shards(d.val_shards) if d.val_shards else read_filelist(d.val_list, d.root)
     num_classes = f.num_classes or max(train_fl.num_classes, val_fl.num_classes)
     torch.manual_seed(f.seed)
-    model = build_classifier(cfg.model, num_classes)
+    model = build_classifier(cfg.model, num_classes, head_init_std=cfg.finetune.head_init_std)
     init_weights(model, f.init, dist)
 
     def build_loader(micro_batch: int, state: Optional[str]):

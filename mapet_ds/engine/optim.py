@@ -25,8 +25,11 @@ def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
 
 
 def build_param_groups(model: torch.nn.Module, optim: OptimConfig, layer_decay: float | None = None) -> list[dict]:
-    """No decay on 1-D params, pos_embed, cls_token (and mask_token); optional layer decay."""
+    """No decay on 1-D params, pos_embed, cls_token (mask_token too with ``optim.decay_mask_token=false``);
+    optional layer decay."""
     skip = no_weight_decay_names(model)
+    if not optim.decay_mask_token:
+        skip |= {n for n, _ in model.named_parameters() if n == "mask_token" or n.endswith(".mask_token")}
     if layer_decay is not None and layer_decay < 1.0:
         groups = param_groups_layer_decay(
             model, weight_decay=optim.weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay

@@ -22,11 +22,23 @@ from mapet_ds.models.pretrain import PretrainModel
 
 
 def build_online_tokenizer(cfg: RunConfig, device: torch.device):
-    """VQ-KD / dVAE encoders run in the step (frozen, outside the DeepSpeed engine)."""
+    """VQ-KD / dVAE encoders, or a k-means codebook with its extractor (``tokenizer.online=true``:
+    the tokens then see the augmented view, random resized crop included), run in the step
+    (frozen, outside the DeepSpeed engine)."""
     tk = cfg.tokenizer
-    if tk.weights is None:
+    if tk.kind in ("pixel_kmeans", "kclip"):
+        if tk.codebook is None:
+            raise ConfigError(f"tokenizer.kind={tk.kind!r} with online=true needs tokenizer.codebook=<file> "
+                              f"(launch/tokens.py fit)")
+        from mapet_ds.tokenizers import Codebook, KMeansTokenizer, build_extractor
+
+        codebook = Codebook.load(tk.codebook)
+        # tokenizer.weights: a new location of the CLIP weights the codebook was fitted with
+        extractor = build_extractor(codebook.meta["extractor"], clip_weights=tk.weights, device=str(device))
+        enc = KMeansTokenizer(extractor, codebook, tk.codebook)
+    elif tk.weights is None:
         raise ConfigError(f"tokenizer.kind={tk.kind!r} runs online and needs tokenizer.weights=<local weight file>")
-    if tk.kind == "vqkd":
+    elif tk.kind == "vqkd":
         from mapet_ds.tokenizers.vqkd import VQKDEncoder
 
         enc = VQKDEncoder.load(tk.weights, device=str(device), amp=device.type == "cuda")
@@ -35,13 +47,14 @@ def build_online_tokenizer(cfg: RunConfig, device: torch.device):
 
         enc = DVAEEncoder.load(tk.weights, device=str(device), input_size=tk.input_size or 112,
                                amp=device.type == "cuda")
-    else:
-        raise ConfigError(f"tokenizer.kind={tk.kind!r} with online=true is not supported (use vqkd or dvae)")
+    else:  # pragma: no cover - the config's Literal allows only the kinds above
+        raise ConfigError(f"tokenizer.kind={tk.kind!r} cannot run online")
+    src = tk.codebook if tk.kind in ("pixel_kmeans", "kclip") else tk.weights
     if enc.grid != cfg.model.grid:
-        raise ConfigError(f"tokenizer {tk.weights} has a {enc.grid}x{enc.grid} grid but the ViT has "
+        raise ConfigError(f"tokenizer {src} has a {enc.grid}x{enc.grid} grid but the ViT has "
                           f"{cfg.model.grid}x{cfg.model.grid} patches (model.img_size / model.patch_size)")
     if enc.vocab_size > cfg.tokenizer.vocab_size:
-        raise ConfigError(f"tokenizer {tk.weights} has {enc.vocab_size} codes > tokenizer.vocab_size="
+        raise ConfigError(f"tokenizer {src} has {enc.vocab_size} codes > tokenizer.vocab_size="
                           f"{tk.vocab_size}; set tokenizer.vocab_size={enc.vocab_size}")
     return enc
 
@@ -207,7 +220,8 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
                                             (d.train_shards, "data.train_shards"),
                                             (d.val_shards, "data.val_shards"),
                                             (cfg.tokenizer.token_store, "tokenizer.token_store"),
-                                            (cfg.tokenizer.weights, "tokenizer.weights")], "pretrain.output_dir")
+                                            (cfg.tokenizer.weights, "tokenizer.weights"),
+                                            (cfg.tokenizer.codebook, "tokenizer.codebook")], "pretrain.output_dir")
     online = cfg.tokenizer.online or cfg.tokenizer.kind in ("vqkd", "dvae")
     if d.synthetic:
         if online:

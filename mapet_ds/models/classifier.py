@@ -25,21 +25,22 @@ from mapet_ds.config import ModelConfig
 from mapet_ds.interop.release import CheckpointError, convert_mapet_release, first_keys, is_foreign_layout, strip_prefixes
 from mapet_ds.models.vit import build_backbone
 
-# MAE's fine-tuning head init (main_finetune.py: trunc_normal_(head.weight, std=2e-5)):
-# near-zero logits at the start so the randomly initialised head does not push large
-# gradients into the pre-trained blocks during warmup.
-HEAD_INIT_STD = 2e-5
+# The MaPeT release's fine-tuning head init (timm's trunc_normal_ std 0.02; finetune.head_init_std).
+# MAE's main_finetune.py uses 2e-5 (near-zero logits at the start): finetune.head_init_std=2e-5.
+HEAD_INIT_STD = 0.02
 
 # Keys of a pre-training checkpoint that a classifier never uses.
 PRETRAIN_ONLY_PREFIXES = ("mask_token", "lm_head.", "norm.")
 
 
 def build_classifier(
-    model_cfg: ModelConfig, num_classes: int, *, drop_path: Optional[float] = None
+    model_cfg: ModelConfig, num_classes: int, *, drop_path: Optional[float] = None,
+    head_init_std: float = HEAD_INIT_STD,
 ) -> VisionTransformer:
     """timm VisionTransformer: ``global_pool="avg"``, ``fc_norm``, ``head = Linear(D, num_classes)``.
 
-    ``drop_path`` overrides ``model_cfg.drop_path`` (stochastic depth of the fine-tune).
+    ``drop_path`` overrides ``model_cfg.drop_path`` (stochastic depth of the fine-tune);
+    the head is initialised with trunc-normal ``head_init_std``.
     Input images [B, C, H, W] -> logits [B, num_classes].
     """
     if num_classes < 1:
@@ -51,12 +52,12 @@ def build_classifier(
         fc_norm=None,  # timm: None -> fc_norm on for avg pooling, final norm becomes Identity
         drop_path_rate=model_cfg.drop_path if drop_path is None else drop_path,
     )
-    init_head(model)
+    init_head(model, head_init_std)
     return model
 
 
 def init_head(model: VisionTransformer, std: float = HEAD_INIT_STD) -> None:
-    """Re-initialise ``model.head`` the MAE way: weight ~ trunc_normal(std), bias 0."""
+    """Re-initialise ``model.head``: weight ~ trunc_normal(std), bias 0."""
     head = model.head
     if isinstance(head, nn.Linear):
         trunc_normal_(head.weight, std=std)

@@ -61,7 +61,9 @@ class PretrainModel(nn.Module):
         return self.objective_cfg.num_predicted(self.model_cfg.num_patches)
 
     def no_weight_decay(self) -> set[str]:
-        return {"mask_token"} | {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        """The backbone's (pos_embed, cls_token). ``mask_token`` decays, as in the release (its list
+        names only pos_embed, cls_token, dist_token); ``optim.decay_mask_token=false`` adds it."""
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
     def sample_plan(
         self, batch_size: int, device: torch.device | str, generator: Optional[torch.Generator] = None

@@ -148,18 +148,25 @@ def round_half_even_div2(d):
     return k + odd * k_is_odd
 
 
+# How decode_center_square places the square: the release's view is timm's RandomResizedCrop at
+# scale (1, 1), ratio (1, 1), whose fallback crop starts at ``(w - side) // 2`` (floor). Recorded
+# in token stores' view spec; stores made with the older half-to-even anchor are refused.
+CENTER_ANCHOR = "floor"
+
+
 def decode_center_square(jpegs, mode: str):
     """Decode only the centre square (side = shorter side) of each image. -> uint8 HWC, RGB.
 
     This is the pixel region the offline tokenizer sees and the pre-training view
-    covers, so visual tokens stay aligned with patches.
+    covers, so visual tokens stay aligned with patches. The anchor floors odd margins
+    (``(w - side) // 2``) exactly as timm's RandomResizedCrop(scale=(1, 1), ratio=(1, 1)).
     """
     from nvidia.dali import fn, math as dmath, types
 
     shape = fn.peek_image_shape(jpegs)  # [H, W, C], int64, EXIF orientation applied like the decoder
     h, w = shape[0], shape[1]
     side = dmath.min(h, w)
-    anchor = fn.stack(round_half_even_div2(h - side), round_half_even_div2(w - side))
+    anchor = fn.stack((h - side) // 2, (w - side) // 2)
     return fn.decoders.image_slice(
         jpegs, anchor, fn.stack(side, side), axes=[0, 1], device=mode, output_type=types.RGB
     )

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from mapet_ds.filelist import FileList
 from mapet_ds.pipelines import common as C
-from mapet_ds.pipelines.randaugment import RandAugmentSpec, apply_rand_augment
+from mapet_ds.pipelines.randaugment import RandAugmentSpec, apply_rand_augment, timm_fill
 
 TOKENIZER_VIEW_OUTPUTS = ("images", "sample_ids")
 EVAL_OUTPUTS = ("images", "sample_ids")
@@ -20,8 +20,11 @@ FINETUNE_OUTPUTS = ("images", "sample_ids")
 
 
 def tokenizer_view_spec(size: int) -> dict:
-    """What ``build_tokenizer_view`` shows the offline tokenizer; recorded in token stores."""
-    return {"crop": "center_square", "size": int(size), "interpolation": "bicubic"}
+    """What ``build_tokenizer_view`` shows the offline tokenizer; recorded in token stores.
+
+    ``crop_anchor``: odd margins of the centre square are floored (``common.CENTER_ANCHOR``).
+    """
+    return {"crop": "center_square", "size": int(size), "interpolation": "bicubic", "crop_anchor": C.CENTER_ANCHOR}
 
 
 def pretrain_view_spec(random_resized_crop: bool) -> dict:
@@ -30,7 +33,9 @@ def pretrain_view_spec(random_resized_crop: bool) -> dict:
     Offline tokens fit it only when crop and interpolation match the store's tokenizer
     view; sizes differ by design (the store's token grid is checked against the model).
     """
-    return {"crop": "random_resized_crop" if random_resized_crop else "center_square", "interpolation": "bicubic"}
+    if random_resized_crop:
+        return {"crop": "random_resized_crop", "interpolation": "bicubic"}
+    return {"crop": "center_square", "interpolation": "bicubic", "crop_anchor": C.CENTER_ANCHOR}
 
 
 def pretrain_outputs(with_tok_view: bool) -> tuple[str, ...]:
@@ -140,7 +145,7 @@ def build_finetune_train(fl: FileList, *, img_size: int, batch_size: int, shard_
                          std: Sequence[float], checkpoint: bytes | None, interpolation: str = "bicubic",
                          prefetch_queue_depth: int = 2, reader: Callable[[], tuple] | None = None):
     """RRC (resized with ``interpolation``, timm's RandomResizedCropAndInterpolation) + flip +
-    RandAugment + normalise. -> images float32 [B,3,S,S], ids [B] (+ the ``reader``'s extra
+    RandAugment (filling with ``mean`` in 0..255) + normalise, in timm's ``create_transform`` order. -> images float32 [B,3,S,S], ids [B] (+ the ``reader``'s extra
     outputs, as in build_pretrain)."""
     from nvidia.dali import fn, types
 
@@ -153,10 +158,11 @@ def build_finetune_train(fl: FileList, *, img_size: int, batch_size: int, shard_
                                             random_area=list(scale), random_aspect_ratio=list(ratio),
                                             num_attempts=10)
         img = fn.resize(img, size=[img_size, img_size], interp_type=interp, antialias=True)
+        if hflip > 0:  # before RandAugment, as timm: a translate/shear sign is not undone by the flip
+            img = fn.flip(img, horizontal=fn.random.coin_flip(probability=hflip))
         if rand_augment is not None:
-            img = apply_rand_augment(img, rand_augment, img_size=img_size)
-        flip = fn.random.coin_flip(probability=hflip) if hflip > 0 else None
-        return (C.normalize_chw(img, mean=mean, std=std, mirror=flip), ids, *extra)
+            img = apply_rand_augment(img, rand_augment, img_size=img_size, fill=timm_fill(mean))
+        return (C.normalize_chw(img, mean=mean, std=std), ids, *extra)
 
     return _build(graph, batch_size=batch_size, num_threads=num_threads, mode=mode,
                   seed=C.rank_seed(seed, shard_id, salt=2), checkpoint=checkpoint, checkpointing=True,

@@ -6,24 +6,29 @@ ops drawn with replacement, each applied with probability ``p`` (default 0.5), a
 a magnitude ``m`` (+ N(0, ``mstd``) noise, uniform on [0, m] for mstd > 100) clipped to
 [0, ``mmax`` or 10]. Each timm op runs as the DALI op with the same parameter: the
 magnitude -> parameter formulas are timm's (``LEVEL_TO_ARG``, called directly where it
-has no random sign inside), evaluated on a 0.1-step magnitude grid.
+has no random sign inside), tabulated on a 0.001-step magnitude grid: the magnitude is
+drawn continuously (as timm does) and the parameter of the nearest grid point used, at
+most 0.0015 degrees of rotation or 0.02 grey levels of brightness away from timm's.
 
-Known differences from timm's PIL ops (README "RandAugment"): geometric ops (rotate,
-shear, translate) interpolate bilinearly (DALI's warp ops have no bicubic) and fill with
-grey 128 (timm's ``create_transform`` fills with the dataset-mean colour); Equalize
-follows OpenCV's histogram formula; Color changes saturation in DALI's colour space
-instead of blending with PIL's greyscale; Sharpness leaves a 1-px border unsharpened
-differently.
+Geometric ops (rotate, shear, translate) fill with the normalisation mean in 0..255, as
+timm's ``create_transform`` does (its ``img_mean`` hparam: (124, 116, 104) for ImageNet).
+
+Known differences from timm's PIL ops (README "Departures from the release"): geometric
+ops interpolate bilinearly (DALI's warp ops have only nearest and linear; the recipe's
+timm transform uses bicubic); Equalize follows OpenCV's histogram formula; Color changes
+saturation in DALI's colour space instead of blending with PIL's greyscale; Sharpness
+leaves a 1-px border unsharpened differently.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
-STEPS_PER_LEVEL = 10  # magnitude grid: 0.1 of timm's 0..10 scale
+STEPS_PER_LEVEL = 1000  # magnitude grid: 0.001 of timm's 0..10 scale (timm draws a float)
 TIMM_MAX_MAGNITUDE = 10.0  # timm's _LEVEL_DENOM: M10 = each op's full range
 _KEYS = ("mstd", "mmax", "inc", "m", "n", "p")
 
@@ -70,9 +75,15 @@ def parse_rand_augment(spec: str) -> RandAugmentSpec:
     return out
 
 
+def timm_fill(mean) -> tuple[int, int, int]:
+    """The fill colour of timm's ``create_transform`` RandAugment (``img_mean``): the
+    normalisation mean (0..1) in 0..255, rounded as timm rounds it."""
+    return tuple(min(255, round(255 * float(x))) for x in mean)
+
+
 def _levels(spec: RandAugmentSpec) -> np.ndarray:
-    """The magnitude grid [0, 0.1, ..., magnitude_max] (timm levels), float32."""
-    return np.arange(int(round(spec.magnitude_max * STEPS_PER_LEVEL)) + 1, dtype=np.float32) / STEPS_PER_LEVEL
+    """The magnitude grid [0, 0.001, ..., magnitude_max] (timm levels), float64."""
+    return np.arange(int(round(spec.magnitude_max * STEPS_PER_LEVEL)) + 1, dtype=np.float64) / STEPS_PER_LEVEL
 
 
 def _posterize_mask(bits) -> np.ndarray:
@@ -135,6 +146,7 @@ def timm_op_table() -> dict:
     }
 
 
+@functools.lru_cache(maxsize=8)  # ~1 s of Python per set at this grid; every loader build reuses it
 def _tables(spec: RandAugmentSpec):
     """[(DALI op function, param_device, table np.ndarray | None, signed)] for ``spec.ops``."""
     table = timm_op_table()
@@ -150,12 +162,16 @@ def _tables(spec: RandAugmentSpec):
     return out
 
 
-def apply_rand_augment(images, spec: RandAugmentSpec, *, img_size: int):
+GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+def apply_rand_augment(images, spec: RandAugmentSpec, *, img_size: int, fill=(124, 116, 104)):
     """RandAugment on a uint8 HWC batch of ``img_size`` squares (pipeline needs conditionals).
 
     images: uint8 [B, img_size, img_size, 3] (DALI DataNode) -> same shape. Per sample and
     layer: an op drawn uniformly from ``spec.ops``, applied with probability ``spec.prob``
-    (else identity), at a magnitude drawn as timm draws it.
+    (else identity), at a magnitude drawn as timm draws it. Geometric ops fill with the
+    RGB colour ``fill`` (``timm_fill(mean)``).
 
     DALI's ``Augmentation`` wrappers are bypassed for the raw op functions: their
     per-magnitude parameter mapping runs under the pipeline's AutoGraph and costs ~30 s
@@ -168,16 +184,23 @@ def apply_rand_augment(images, spec: RandAugmentSpec, *, img_size: int):
     tables = do_not_convert(_tables)(spec)
     num_levels = len(_levels(spec))
     top = float(num_levels - 1)
-    geometry = {"fill_value": 128, "interp_type": None}  # timm's default fill (_FILL); DALI: one value
+    dev = images.device or "cpu"
+    fill_rgb = types.Constant(np.asarray(fill, np.float32), device=dev)
 
     def op_call(k):
         op, _, _, _ = tables[k]
-        extra = {}
-        if op.__name__ in ("rotate", "shear_x", "shear_y", "translate_x", "translate_y"):
-            extra = dict(geometry, **({"shape": [img_size, img_size]} if op.__name__.startswith("translate") else {}))
+        if op.__name__ not in GEOMETRIC:
+            def call(data, **params):
+                return op(data, params.get(f"p{k}"))
+            return do_not_convert(call)
+        extra = {"shape": [img_size, img_size]} if op.__name__.startswith("translate") else {}
 
         def call(data, **params):
-            return op(data, params.get(f"p{k}"), **extra)
+            # DALI's warp ops fill with one value for all channels: warp (image - fill) with 0
+            # fill and add it back, which is the per-channel fill exactly (warps are linear)
+            shifted = fn.cast(data, dtype=types.FLOAT) - fill_rgb
+            out = op(shifted, params.get(f"p{k}"), fill_value=0.0, interp_type=None, **extra) + fill_rgb
+            return fn.cast(dmath.clamp(out, 0.0, 255.0), dtype=types.UINT8)
 
         # No ``if`` inside the ops: AutoGraph need not transpile them (~0.1 s each, per call).
         return do_not_convert(call)
@@ -204,7 +227,6 @@ def apply_rand_augment(images, spec: RandAugmentSpec, *, img_size: int):
         params = {}
         for k, (_, device, table, signed) in enumerate(tables):
             if table is not None:
-                dev = (images.device or "cpu") if device == "auto" else device
-                params[f"p{k}"] = types.Constant(table, device=dev)[mag_bin + num_levels * sign if signed else mag_bin]
+                params[f"p{k}"] = types.Constant(table, device=dev if device == "auto" else device)[mag_bin + num_levels * sign if signed else mag_bin]
         images = select(suite, op_idx, images, **params)
     return images

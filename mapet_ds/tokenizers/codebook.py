@@ -89,7 +89,7 @@ def fit_codebook(
     *,
     niter: int = 20,
     nredo: int = 5,
-    seed: int = 0,
+    seed: int = 1234,
     max_points_per_centroid: int = 512,
     spherical: bool = False,
     use_gpu: bool | str = "auto",
@@ -98,6 +98,7 @@ def fit_codebook(
 ):
     """faiss k-means.  feats: float32 [N, D] -> centroids float32 [k, D].
 
+    ``seed`` defaults to faiss's own (1234), which the release's k-means used.
     With ``return_stats`` also returns {"objective", "iterations": faiss per-iteration
     stats, "gpu", "seconds"}. faiss subsamples to ``k * max_points_per_centroid``
     points itself when given more.

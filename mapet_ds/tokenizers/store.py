@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -32,8 +31,10 @@ from mapet_ds.safe_io import atomic_write, atomic_write_text
 MAX_VOCAB = 32767
 FORMAT = "mapet_ds.token_store/1"
 FIX = "re-run `launch/tokens.py assign` for this file list and tokenizer into a new --out"
-# Stores written before meta.json recorded the view were all made through the tokenizer-view loader.
+# Stores written before meta.json recorded the view were all made through the tokenizer-view loader,
+# and before it recorded ``crop_anchor`` the centre square's odd margins were rounded half-to-even.
 LEGACY_VIEW = {"crop": "center_square", "interpolation": "bicubic"}
+LEGACY_ANCHOR = "half_even"
 
 
 class TokenStoreError(ValueError):
@@ -265,12 +266,14 @@ class TokenStore:
 def view_mismatch(where: str, meta: dict, view: dict[str, Any], fix: str, error: type[Exception]) -> None:
     """Raise ``error`` (one line) when the tokenizer view recorded in ``meta`` differs from
     the training ``view``; ``where`` names the store or shard set, ``fix`` how to remake it."""
-    stored = meta.get("view")
-    if stored is None:
-        stored = LEGACY_VIEW
-        warnings.warn(f"{where} records no tokenizer view (written before views were recorded): assuming "
-                      f"the {LEGACY_VIEW['crop']} crop, {LEGACY_VIEW['interpolation']}, that `launch/tokens.py assign` "
-                      f"has always used", stacklevel=3)
+    stored = dict(meta.get("view") or LEGACY_VIEW)
+    if stored.get("crop") == "center_square":
+        stored.setdefault("crop_anchor", LEGACY_ANCHOR)
+    if stored.get("crop_anchor") == LEGACY_ANCHOR and view.get("crop_anchor") not in (None, LEGACY_ANCHOR):
+        # Refused rather than accepted: on images with an odd margin the old square is 1 px off.
+        raise error(
+            f"{where} was made with the old centre-square rounding (odd margins half-to-even; mapet_ds now floors "
+            f"them as timm's RandomResizedCrop does, so some images would be 1 px off their tokens): {fix}")
     diff = [f"{k} {stored.get(k)!r} vs {v!r}" for k, v in view.items() if stored.get(k) != v]
     if diff:
         raise error(
@@ -394,7 +397,7 @@ def assign_tokens(
     if rank != 0:
         _wait_for(meta_path, wait_timeout, "rank 0 to create the token store")
     if os.path.isfile(meta_path):  # resuming (or another rank's fresh store)
-        store = TokenStore.open(out, filelist=filelist, grid=grid, vocab=vocab, allow_incomplete=True)
+        store = TokenStore.open(out, filelist=filelist, grid=grid, vocab=vocab, view=view, allow_incomplete=True)
         if json.dumps(_identity(store.spec), sort_keys=True) != json.dumps(_identity(spec), sort_keys=True):
             raise TokenStoreError(
                 f"token store {out} was written with another tokenizer ({_short(store.spec)}) than this one "
