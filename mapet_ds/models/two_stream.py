@@ -2,8 +2,8 @@
 
 Both streams live in one tensor ``z = [content; query]`` of length L = L_c + L_q.
 Everything in a pre-norm block except attention is per-token, so LayerNorms, MLP,
-LayerScale and drop-path run once over ``z``; timm's per-sample DropPath over ``z``
-is then exactly "one draw per sample per branch, applied to both streams". Attention
+LayerScale and drop-path run once over ``z`` (models/pretrain.py ``_block``); one
+per-sample drop-path draw per branch then applies to both streams. Attention
 takes queries from all L rows and keys/values from the first L_c (content) rows, in
 one ``scaled_dot_product_attention`` call with a boolean mask broadcast over heads,
 or (``model.attention=flex``) one FlexAttention call with a ``BlockMask`` built once
@@ -104,15 +104,3 @@ def two_stream_attention(attn: nn.Module, x: torch.Tensor, num_keys: int, mask: 
     out = out.transpose(1, 2).reshape(b, l, d)
     out = getattr(attn, "norm", nn.Identity())(out)
     return attn.proj_drop(attn.proj(out))
-
-
-def two_stream_block(blk: nn.Module, z: torch.Tensor, num_keys: int, mask: TwoStreamMask) -> torch.Tensor:
-    """One timm ``Block`` applied to both streams.
-
-    z: [B, L, D] = [content (num_keys rows); query rows]; mask: bool [B, 1, L, num_keys]
-    or the BlockMask of the same shape.
-    Returns [B, L, D].
-    """
-    z = z + blk.drop_path1(blk.ls1(two_stream_attention(blk.attn, blk.norm1(z), num_keys, mask)))
-    z = z + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(z))))
-    return z
