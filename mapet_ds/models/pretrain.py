@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mapet_ds.config import ModelConfig, ObjectiveConfig
 from mapet_ds.models.objectives import Plan, attention_mask, sample_plan
-from mapet_ds.models.two_stream import TwoStreamMask, build_block_mask, flex_trains_on, two_stream_attention
+from mapet_ds.models.two_stream import TwoStreamMask, additive_mask, build_block_mask, flex_trains_on, two_stream_attention
 from mapet_ds.models.vit import build_backbone
 
 
@@ -114,15 +114,17 @@ class PretrainModel(nn.Module):
             z = self._apply_block(blk, z, num_keys, mask, ckpt, keep1, keep2)
         return z
 
-    def two_stream_mask(self, plan: Plan) -> TwoStreamMask:
-        """The step's mask, shared by all layers: dense bool [B,1,L,K] (sdpa) or a BlockMask (flex)."""
+    def two_stream_mask(self, plan: Plan, dtype: torch.dtype = torch.float32) -> TwoStreamMask:
+        """The step's mask, shared by all layers: additive [B,1,L,K] in ``dtype`` (the compute
+        dtype; sdpa, see ``additive_mask``) or a BlockMask (flex)."""
         if self.model_cfg.attention == "sdpa":
-            return attention_mask(plan)
+            return additive_mask(attention_mask(plan), dtype)
         dense = torch.is_grad_enabled() and not flex_trains_on(plan.predicted.device)
         if dense:
             warnings.warn("model.attention=flex: torch has no FlexAttention backward on the CPU; this step "
                           "evaluates the same mask_mod densely with sdpa", stacklevel=2)
-        return build_block_mask(plan, dense=dense)
+            return additive_mask(build_block_mask(plan, dense=True), dtype)
+        return build_block_mask(plan)
 
     def forward_features(self, images: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Final-normed features at the predicted positions: [B, m, D]."""
@@ -144,7 +146,9 @@ class PretrainModel(nn.Module):
         else:
             raise ValueError(f"unknown objective {plan.kind!r}")
         num_keys = z.shape[1] - m
-        z = self._run_blocks(z, num_keys, self.two_stream_mask(plan))
+        dev = z.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else z.dtype
+        z = self._run_blocks(z, num_keys, self.two_stream_mask(plan, dtype))
         return self.backbone.norm(z[:, num_keys:])
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, plan: Plan) -> dict[str, torch.Tensor]:

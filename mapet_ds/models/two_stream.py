@@ -22,7 +22,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, crea
 
 from mapet_ds.models.objectives import Plan, attention_ranks
 
-# a dense bool mask [B, 1, L, K] (sdpa) or a FlexAttention BlockMask
+# a dense additive (or bool) mask [B, 1, L, K] (sdpa) or a FlexAttention BlockMask
 TwoStreamMask = Union[torch.Tensor, BlockMask]
 
 
@@ -61,6 +61,22 @@ def build_block_mask(plan: Plan, *, dense: bool = False) -> TwoStreamMask:
     return make(mask_mod, b, None, rows, keys, device=device)
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [B, 1, L, K] (True = may attend) -> additive [B, 1, L, K] in ``dtype``: 0 or -inf.
+
+    What sdpa does to a bool mask inside every call (forward and backward): turn it into
+    an additive mask in the query dtype and, for the memory-efficient kernel, copy it into
+    a buffer whose key stride is a multiple of 8 (ViT-B mapet: 344 -> 352 keys). Built
+    once per step here and shared by all layers: the result is a view of a [B, 1, L, K8]
+    buffer (K8 = K rounded up to a multiple of 8) that sdpa takes as it is.
+    """
+    b, h, l, k = allowed.shape
+    k8 = -(-k // 8) * 8
+    buf = torch.zeros(b, h, l, k8, dtype=dtype, device=allowed.device)
+    bias = buf[..., :k]
+    return bias.masked_fill_(~allowed, float("-inf"))
+
+
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     # eager FlexAttention materialises the scores; on CUDA the fused kernel needs compile
     # (inside an already compiled block dynamo traces flex_attention itself)
@@ -78,7 +94,8 @@ def two_stream_attention(attn: nn.Module, x: torch.Tensor, num_keys: int, mask: 
     """Self-attention of a timm ``Attention`` with keys/values from the content rows.
 
     x: [B, L, D] normalised tokens, content stream first (``num_keys`` rows).
-    mask: bool [B, 1, L, num_keys], True = may attend (sdpa), or a BlockMask of that shape.
+    mask: additive [B, 1, L, num_keys] in the compute dtype (``additive_mask``) or bool,
+        True = may attend (sdpa), or a BlockMask of that shape.
     Returns [B, L, D] (after the output projection).
     """
     b, l, d = x.shape
