@@ -25,6 +25,7 @@ import torch
 
 from mapet_ds.config import ModelConfig, ObjectiveConfig
 from mapet_ds.models.flops import pretrain_forward_flops
+from mapet_ds.models.objectives import plan_generator
 from mapet_ds.models.pretrain import PretrainModel
 
 
@@ -38,7 +39,7 @@ def time_objective(name, model_cfg, batch, vocab, iters, warmup, device, dtype, 
     model = PretrainModel(model_cfg, ObjectiveConfig(name=name), vocab).to(device).train()
     images = torch.randn(batch, 3, model_cfg.img_size, model_cfg.img_size, device=device)
     tokens = torch.randint(0, vocab, (batch, model_cfg.num_patches), device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = plan_generator(name, device, 0)
     times = []
     for i in range(warmup + iters):
         _sync(device)

@@ -18,6 +18,7 @@ from mapet_ds.engine.synthetic import SyntheticLoader, synthetic_token_table
 from mapet_ds.engine.trainer import Trainer
 from mapet_ds.filelist import read_filelist
 from mapet_ds.models.flops import pretrain_forward_flops
+from mapet_ds.models.objectives import plan_generator
 from mapet_ds.models.pretrain import PretrainModel
 
 
@@ -120,7 +121,7 @@ class PretrainStep:
         was_training = module.training
         module.eval()
         with torch.no_grad():
-            plan = module.sample_plan(vb["uint8"].shape[0], device, torch.Generator(device=device).manual_seed(0))
+            plan = module.sample_plan(vb["uint8"].shape[0], device, plan_generator(module.objective, device, 0))
             out = module(vb["images"].to(trainer.dtype), vb["tokens"], plan)
         module.train(was_training)
         step, x = trainer.state.step, trainer.state.samples_seen
