@@ -27,6 +27,7 @@ from mapet_ds.filelist import read_filelist
 from mapet_ds.models.classifier import build_classifier, load_backbone_into_classifier
 from mapet_ds.models.flops import classifier_forward_flops
 from mapet_ds.safe_io import atomic_write, atomic_write_text
+from mapet_ds.transfer import to_device
 
 
 @torch.no_grad()
@@ -95,8 +96,8 @@ class FinetuneStep:
 
     def __call__(self, engine, batch: dict) -> dict[str, torch.Tensor]:
         device = self.dist.device
-        images = batch["images"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
+        images = to_device(batch["images"], device)
+        labels = to_device(batch["labels"], device)
         if self.erase is not None:
             images = self.erase(images)
         if self.mixup is not None:
