@@ -44,7 +44,7 @@ def time_objective(name, model_cfg, batch, vocab, iters, warmup, device, dtype, 
     for i in range(warmup + iters):
         _sync(device)
         t0 = time.perf_counter()
-        plan = model.sample_plan(batch, device, gen)  # part of the step: built on the device
+        plan = model.sample_plan(batch, device, gen)  # part of the step (mim: drawn on the host, one copy)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), \
                 torch.set_grad_enabled(train):
             out = model(images, tokens, plan)
