@@ -88,9 +88,10 @@ class PretrainModel(nn.Module):
     def _drop_path_scales(self, z: torch.Tensor) -> list[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
         """Per block, the two per-sample residual scales [B,1,1] of timm's DropPath (0 or 1/keep).
 
-        The same draws, in the same order and dtype, as timm's ``drop_path`` makes in an eager
-        ``Block.forward``; blocks without drop path get ones (not None) while any block has
-        one, so every block calls the compiled function with the same argument kinds.
+        The same draws, in the same order, as timm's ``drop_path`` makes in an eager
+        ``Block.forward`` (in z's dtype; timm's is the branch output's, the same one without
+        autocast). Blocks without drop path get ones (not None) while any block has one, so
+        every block calls the compiled function with the same argument kinds.
         All None in eval mode or with model.drop_path=0.
         """
         blocks = self.backbone.blocks
