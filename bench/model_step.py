@@ -25,6 +25,7 @@ import torch
 
 from mapet_ds.config import ModelConfig, ObjectiveConfig
 from mapet_ds.models.flops import pretrain_forward_flops
+from mapet_ds.models.objectives import plan_generator
 from mapet_ds.models.pretrain import PretrainModel
 
 
@@ -38,12 +39,12 @@ def time_objective(name, model_cfg, batch, vocab, iters, warmup, device, dtype, 
     model = PretrainModel(model_cfg, ObjectiveConfig(name=name), vocab).to(device).train()
     images = torch.randn(batch, 3, model_cfg.img_size, model_cfg.img_size, device=device)
     tokens = torch.randint(0, vocab, (batch, model_cfg.num_patches), device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = plan_generator(name, device, 0)
     times = []
     for i in range(warmup + iters):
         _sync(device)
         t0 = time.perf_counter()
-        plan = model.sample_plan(batch, device, gen)  # part of the step: built on the device
+        plan = model.sample_plan(batch, device, gen)  # part of the step (mim: drawn on the host, one copy)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), \
                 torch.set_grad_enabled(train):
             out = model(images, tokens, plan)

@@ -31,6 +31,7 @@ from mapet_ds.config import load_config
 from mapet_ds.engine.dist import init_distributed
 from mapet_ds.engine.ds_config import load_ds_json, resolve_ds_config
 from mapet_ds.engine.optim import build_optimizer
+from mapet_ds.models.objectives import plan_generator
 from mapet_ds.models.pretrain import PretrainModel
 
 
@@ -88,7 +89,7 @@ def time_plain(cfg, batch, iters, warmup, device, dtype):
     model = PretrainModel(cfg.model, cfg.objective, cfg.tokenizer.vocab_size).to(device).train()
     opt = build_optimizer(model, cfg.optim)
     images, tokens = _batch(cfg, batch, device, torch.float32)
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = plan_generator(cfg.objective.name, device, 0)
     times = []
     for i in range(warmup + iters):
         _sync(device)
@@ -115,7 +116,7 @@ def time_deepspeed(cfg, dist, batch, iters, warmup, ds_path):
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds)
     dtype = torch.bfloat16 if ds["bf16"]["enabled"] else torch.float32
     images, tokens = _batch(cfg, batch, dist.device, dtype)
-    gen = torch.Generator(device=dist.device).manual_seed(0)
+    gen = plan_generator(cfg.objective.name, dist.device, 0)
     times = []
     for i in range(warmup + iters):
         _sync(dist.device)

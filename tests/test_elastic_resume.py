@@ -331,3 +331,50 @@ def test_rebatch_keeps_the_global_batch_or_refuses_in_one_line():
         rebatch(TrainConfig(global_batch_size=16), 3, {"world_size": 2}, "pretrain")
     assert str(err.value) == ("pretrain.global_batch_size=16 cannot be split over 3 ranks (the checkpoint was "
                               "written on 2): resume on a world size that divides 16")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_universal_state_lands_where_torch_adamw_keeps_it(tmp_path, fused):
+    """Every restored AdamW state entry has the device and dtype of torch's own load_state_dict
+    (fused: ``step`` a float32 tensor on the parameter's device, not a CPU tensor)."""
+    from types import SimpleNamespace
+
+    from mapet_ds.engine.elastic import load_universal_into_plain
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    ref_opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused, foreach=False if fused else None)
+    model(torch.randn(2, 4)).sum().backward()
+    ref_opt.step()
+    ref_opt.load_state_dict(ref_opt.state_dict())  # torch's own placement of every entry
+    for name, p in model.named_parameters():
+        d = tmp_path / "zero" / name
+        d.mkdir(parents=True)
+        st = ref_opt.state[p]
+        torch.save({"param": p.detach().clone()}, d / "fp32.pt")
+        torch.save({"param": st["exp_avg"].clone()}, d / "exp_avg.pt")
+        torch.save({"param": st["exp_avg_sq"].clone()}, d / "exp_avg_sq.pt")
+        torch.save(st["step"].cpu().clone(), d / "step.pt")  # DeepSpeed's universal files hold it on the CPU
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused, foreach=False if fused else None)
+    load_universal_into_plain(SimpleNamespace(optimizer=fresh, module=model), tmp_path)
+    for p in model.parameters():
+        assert fresh.state[p].keys() == ref_opt.state[p].keys()
+        for key, value in fresh.state[p].items():
+            ref = ref_opt.state[p][key]
+            assert (value.device, value.dtype) == (ref.device, ref.dtype), key
+            assert torch.equal(value, ref), key
+    model(torch.randn(2, 4)).sum().backward()
+    fresh.step()  # the fused kernel takes the restored state
+    assert float(fresh.state[p]["step"]) == 2.0
+
+
+def test_fused_adamw_step_goes_to_the_parameter_device():
+    """What the CPU cannot show above: the fused ``step`` follows the parameter off the CPU."""
+    from mapet_ds.engine.elastic import adamw_step_tensor
+
+    p = torch.empty(3, device="meta")
+    for group in ({"fused": True}, {"capturable": True}):
+        t = adamw_step_tensor(7.0, p, group)
+        assert t.device.type == "meta" and t.dtype == torch.float32
+    t = adamw_step_tensor(7.0, p, {"fused": False, "foreach": True})
+    assert t.device.type == "cpu" and t.dtype == torch.float32 and float(t) == 7.0

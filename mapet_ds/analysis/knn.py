@@ -23,6 +23,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from mapet_ds.transfer import to_device
+
 
 def _vit(model: nn.Module) -> VisionTransformer:
     """The timm ViT inside ``model`` (itself, a PretrainModel's ``backbone``, or a DeepSpeed ``module``)."""
@@ -72,7 +74,7 @@ def extract_features(
     try:
         for item in loader:
             batch = _batch(item)
-            images = batch["images"].to(device, non_blocking=True)
+            images = to_device(batch["images"], device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 f = pooled_features(backbone, images)
             f = f.float().cpu()

@@ -213,10 +213,23 @@ def load_universal_into_plain(engine, uni: Path) -> None:
                 p.copy_(torch.load(d / "fp32.pt", map_location="cpu", weights_only=False)["param"].view_as(p))
                 step = torch.load(d / "step.pt", map_location="cpu", weights_only=False)
                 state = opt.state[p]
-                state["step"] = torch.as_tensor(float(step), dtype=torch.float32)
+                state["step"] = adamw_step_tensor(float(step), p, group)
                 for key in ("exp_avg", "exp_avg_sq"):
                     t = torch.load(d / f"{key}.pt", map_location="cpu", weights_only=False)["param"]
-                    state[key] = t.view_as(p).to(p.device, torch.float32).clone()
+                    state[key] = t.view_as(p).to(p.device, p.dtype).clone()
+
+
+def adamw_step_tensor(step: float, p: torch.Tensor, group: dict) -> torch.Tensor:
+    """AdamW's ``step`` laid out as torch's own ``Optimizer.load_state_dict`` lays it out.
+
+    Fused and capturable AdamW keep it as a float32 tensor on the parameter's device (the
+    fused kernel reads it there: a CPU step next to CUDA parameters fails); the other
+    implementations keep it on the CPU in torch's default scalar dtype.
+    """
+    if group.get("fused") or group.get("capturable"):
+        return torch.tensor(step, dtype=torch.float32, device=p.device)
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return torch.tensor(step, dtype=dtype)
 
 
 def merged_loader_state(tag_dir: Path, old_world: int, new_world: int, rank: int) -> Optional[str]:

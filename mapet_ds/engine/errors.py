@@ -47,7 +47,13 @@ def set_run_dir(path) -> None:
 
 def rank_and_world() -> tuple[int, int]:
     """From the launcher's environment (valid before torch.distributed is initialised)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    from mapet_ds.engine.dist import launcher_env
+
+    try:
+        env = {**os.environ, **launcher_env(os.environ)}
+    except ValueError:  # a launch without a rank: reported by init_distributed
+        env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
 
 
 def _job_dir() -> Path:

@@ -27,6 +27,7 @@ from mapet_ds.filelist import read_filelist
 from mapet_ds.models.classifier import build_classifier, load_backbone_into_classifier
 from mapet_ds.models.flops import classifier_forward_flops
 from mapet_ds.safe_io import atomic_write, atomic_write_text
+from mapet_ds.transfer import to_device
 
 
 @torch.no_grad()
@@ -95,8 +96,8 @@ class FinetuneStep:
 
     def __call__(self, engine, batch: dict) -> dict[str, torch.Tensor]:
         device = self.dist.device
-        images = batch["images"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
+        images = to_device(batch["images"], device)
+        labels = to_device(batch["labels"], device)
         if self.erase is not None:
             images = self.erase(images)
         if self.mixup is not None:
@@ -109,7 +110,7 @@ class FinetuneStep:
     # -- hooks -------------------------------------------------------------------------
     def step_hook(self, trainer: Trainer) -> None:
         if self.ema is not None:
-            self.ema.update(trainer.module, step=trainer.state.step)
+            update_ema(self.ema, trainer.module, step=trainer.state.step)
         every = self.cfg.finetune.eval_every * trainer.steps_per_epoch
         final = trainer.state.step == trainer.total_steps
         if trainer.state.step % every == 0 or final:
@@ -214,11 +215,34 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
     step.trainer = trainer
     if f.ema_decay is not None:
         step.ema = ModelEmaV3(trainer.module, decay=f.ema_decay)
-        step.ema.module.float()  # fp32 EMA even when the engine trains in bf16 (timm lerps across dtypes)
+        step.ema.module.float()  # fp32 EMA even when the engine trains in bf16 (see update_ema)
         ema_state = trainer.resumed_client.get("ema") if trainer.resumed_client else None
         if ema_state is not None:
             step.ema.module.load_state_dict(ema_state)
     return trainer, step
+
+
+@torch.no_grad()
+def update_ema(ema: ModelEmaV3, model: torch.nn.Module, step: int) -> None:
+    """One EMA step of ``model`` into ``ema`` with timm's decay schedule, the EMA in fp32.
+
+    timm's own update (``_foreach_lerp_``) needs the EMA and the model in one dtype up
+    to timm 1.0.30 (1.0.31 promotes); a bf16 engine with an fp32 EMA takes this fp32
+    update instead: ema = decay * ema + (1 - decay) * model, promoted per tensor.
+    """
+    ema_values = list(ema.module.state_dict().values())
+    model_values = list(model.state_dict().values())
+    if all(e.dtype == m.dtype for e, m in zip(ema_values, model_values)):
+        ema.update(model, step=step)
+        return
+    decay = ema.get_decay(step)
+    floats = [(e, m) for e, m in zip(ema_values, model_values) if e.is_floating_point()]
+    for e, m in zip(ema_values, model_values):
+        if not e.is_floating_point():
+            e.copy_(m)
+    ema_f, model_f = [e for e, _ in floats], [m for _, m in floats]
+    torch._foreach_mul_(ema_f, decay)
+    torch._foreach_add_(ema_f, model_f, alpha=1.0 - decay)  # add_ promotes bf16 -> fp32 per tensor
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

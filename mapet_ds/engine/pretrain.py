@@ -18,7 +18,9 @@ from mapet_ds.engine.synthetic import SyntheticLoader, synthetic_token_table
 from mapet_ds.engine.trainer import Trainer
 from mapet_ds.filelist import read_filelist
 from mapet_ds.models.flops import pretrain_forward_flops
+from mapet_ds.models.objectives import plan_generator
 from mapet_ds.models.pretrain import PretrainModel
+from mapet_ds.transfer import to_device
 
 
 def build_online_tokenizer(cfg: RunConfig, device: torch.device):
@@ -81,14 +83,14 @@ class PretrainStep:
 
     def __call__(self, engine, batch: dict) -> dict[str, torch.Tensor]:
         device = self.dist.device
-        images = batch["images"].to(device, non_blocking=True)
+        images = to_device(batch["images"], device)
         if self.online_tokenizer is not None:
             with torch.no_grad():
-                tokens = self.online_tokenizer.tokenize(batch["tok_images"].to(device))
+                tokens = self.online_tokenizer.tokenize(to_device(batch["tok_images"], device))
         elif "tokens" in batch:  # shards: the token rows travel with the images
-            tokens = batch["tokens"].to(device, non_blocking=True).long()
+            tokens = to_device(batch["tokens"], device).long()
         else:
-            tokens = self.token_table[_to_device(batch["sample_ids"], device)].long()
+            tokens = self.token_table[to_device(batch["sample_ids"], device)].long()
         images = images.to(self.trainer.dtype)
         plan = engine.module.sample_plan(images.shape[0], device, self.trainer.plan_generator)
         out = engine(images, tokens, plan)
@@ -133,7 +135,7 @@ class PretrainStep:
         was_training = module.training
         module.eval()
         with torch.no_grad():
-            plan = module.sample_plan(vb["uint8"].shape[0], device, torch.Generator(device=device).manual_seed(0))
+            plan = module.sample_plan(vb["uint8"].shape[0], device, plan_generator(module.objective, device, 0))
             out = module(vb["images"].to(trainer.dtype), vb["tokens"], plan)
         module.train(was_training)
         step, x = trainer.state.step, trainer.state.samples_seen
@@ -177,13 +179,6 @@ class PretrainStep:
         else:  # the sub-list's sample ids index ``picks``: map them back to the full list
             tokens = self.token_table[picks[batch["sample_ids"]].to(device)].long()
         return {"uint8": u8, "images": images, "tokens": tokens}
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> GPU copy without a host synchronisation (a pageable copy waits for the stream)."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _fault_step(kind: str) -> Optional[int]:

@@ -18,6 +18,7 @@ from mapet_ds.engine.dist import all_reduce_sum
 from mapet_ds.engine.seg_metrics import confusion_histogram, seg_metrics
 from mapet_ds.models.segmentation import upsample_logits
 from mapet_ds.pipelines.segmentation import eval_windows
+from mapet_ds.transfer import to_device
 
 
 @torch.no_grad()
@@ -70,7 +71,7 @@ def evaluate_segmentation(model: torch.nn.Module, loader, device: torch.device, 
     kept = []
     images = 0
     for batch in loader:
-        image, mask = batch["images"].to(device), batch["masks"].to(device)
+        image, mask = to_device(batch["images"], device), to_device(batch["masks"], device)
         pred = predict(model, image, mask.shape[-2:], crop=crop, stride=stride, scales=scales, flip=flip, dtype=dtype)
         hist += confusion_histogram(pred, mask[0], num_classes, ignore_index)
         images += 1

@@ -30,6 +30,7 @@ from mapet_ds.engine.seg_metrics import iou_table, read_class_names
 from mapet_ds.engine.trainer import Trainer
 from mapet_ds.models.segmentation import build_segmenter, load_backbone_into_segmenter, upsample_logits
 from mapet_ds.safe_io import atomic_write, atomic_write_text
+from mapet_ds.transfer import to_device
 
 
 class PolySchedule(Schedule):
@@ -66,8 +67,8 @@ class SegmentStep:
 
     def __call__(self, engine, batch: dict) -> dict[str, torch.Tensor]:
         s = self.seg
-        images = batch["images"].to(self.dist.device, non_blocking=True)
-        masks = batch["masks"].to(self.dist.device, non_blocking=True)
+        images = to_device(batch["images"], self.dist.device)
+        masks = to_device(batch["masks"], self.dist.device)
         logits, aux = engine(images.to(self.trainer.dtype))
         logits = upsample_logits(logits.float(), masks.shape[-2:])
         main = _ce(logits, masks, s.ignore_index)

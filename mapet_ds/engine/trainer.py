@@ -31,6 +31,7 @@ from mapet_ds.engine.dist import DistInfo, all_reduce_mean, barrier
 from mapet_ds.engine.ds_config import load_ds_json, resolve_ds_config, write_json
 from mapet_ds.engine.metrics import MetricLogger, Throughput, detect_peak_tflops, format_eta, max_memory_gib
 from mapet_ds.engine.optim import Schedule, build_optimizer
+from mapet_ds.models.objectives import plan_generator
 
 # micro_step(engine, batch) -> {"loss": scalar tensor, other scalar metrics...}
 MicroStep = Callable[[Any, dict], dict[str, torch.Tensor]]
@@ -111,8 +112,8 @@ class Trainer:
         self.module = self.engine.module
 
         self.state = TrainState()
-        self.plan_generator = torch.Generator(device=dist.device)
-        self.plan_generator.manual_seed(self.train.seed * 1000 + dist.rank)
+        # mim plans are drawn on the host (models/objectives.py), mapet/pet on the device
+        self.plan_generator = plan_generator(cfg.objective.name, dist.device, self.train.seed * 1000 + dist.rank)
         # drop-path draws differ per rank; timm's Mixup/CutMix draw from numpy's global RNG and
         # RandomErasing from Python's, so those are seeded too (a new run repeats exactly)
         torch.manual_seed(self.train.seed * 1000 + dist.rank)

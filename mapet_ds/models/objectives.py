@@ -1,7 +1,9 @@
 """Objective plans: which patches are context / predicted, in which order.
 
-A *plan* is sampled per batch on the training device (no CPU data-loader work, no
-per-sample Python loops) or passed in explicitly so a test can fix the permutation.
+A *plan* is sampled per batch, on the training device for mapet/pet (a few ops), on
+the host for mim (BEiT's sequential block rounds, vectorised over the batch in numpy,
+then one pinned copy), without per-sample Python loops; or passed in explicitly so a
+test can fix the permutation.
 
 Patch indices here are 0..N-1 over the patch grid in row-major order (the order of a
 flattened conv patch embedding); the CLS token is not a patch and always has rank 0.
@@ -13,7 +15,10 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import numpy as np
 import torch
+
+from mapet_ds.transfer import to_device
 
 ObjectiveName = Literal["mapet", "pet", "mim"]
 
@@ -80,6 +85,14 @@ def sample_permutation_plan(
     return plan_from_rank(kind, rank, num_predicted)
 
 
+def plan_generator(kind: ObjectiveName, device: torch.device | str, seed: int) -> torch.Generator:
+    """The generator ``sample_plan`` should draw from: the CPU's for mim (its masks are drawn
+    there, see ``sample_block_mask``), the device's for mapet/pet."""
+    g = torch.Generator(device="cpu" if kind == "mim" else device)
+    g.manual_seed(seed)
+    return g
+
+
 def sample_block_mask(
     batch_size: int,
     grid: int,
@@ -92,7 +105,7 @@ def sample_block_mask(
     device: torch.device | str = "cpu",
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """BEiT block-wise masking, batched on the device.
+    """BEiT block-wise masking, drawn on the host and copied to ``device`` (pinned) once.
 
     Each round every unfinished sample proposes one rectangle (area uniform in
     [min_block, max_block], log-uniform aspect in [min_aspect, 1/min_aspect]) and keeps
@@ -100,43 +113,55 @@ def sample_block_mask(
     still misses patches after ``max_rounds`` is topped up with random patches so that
     every row has exactly ``num_masked`` (a fixed m keeps the batch rectangular).
 
-    Returns bool [B, grid*grid], True = masked, exactly num_masked per row.
+    The rounds are sequential per sample; run on the device they were ~40 tiny kernels
+    each (8.5k ops per plan at batch 64). Here all uniforms come from one ``torch.rand``
+    on ``generator`` (best a CPU one: ``plan_generator``; a device one costs a sync) and
+    the rounds run in numpy over [B, grid, grid]; the device sees one copy.
+
+    Returns bool [B, grid*grid] on ``device``, True = masked, exactly num_masked per row.
     """
-    gh = gw = grid
+    return to_device(torch.from_numpy(_block_mask_host(batch_size, grid, num_masked, min_block, max_block,
+                                                       min_aspect, max_rounds, generator)), device)
+
+
+def _block_mask_host(batch_size: int, grid: int, num_masked: int, min_block: int, max_block: Optional[int],
+                     min_aspect: float, max_rounds: int, generator: Optional[torch.Generator]) -> np.ndarray:
+    """``sample_block_mask`` on the host: bool ndarray [B, grid*grid]."""
+    b, gh, gw = batch_size, grid, grid
     n = gh * gw
     max_block = max_block or num_masked
-    mask = torch.zeros(batch_size, gh, gw, dtype=torch.bool, device=device)
-    ys = torch.arange(gh, device=device).view(1, gh, 1)
-    xs = torch.arange(gw, device=device).view(1, 1, gw)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(max_rounds * 4 * b + b * n, generator=generator, device=gen_device).cpu().numpy()
+    rounds, noise = u[: max_rounds * 4 * b].reshape(max_rounds, 4, b), u[max_rounds * 4 * b:].reshape(b, n)
+    mask = np.zeros((b, gh, gw), dtype=bool)
+    count = np.zeros(b, dtype=np.int64)
+    ys, xs = np.arange(gh), np.arange(gw)
     log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
-
-    def u(*shape):
-        return torch.rand(*shape, device=device, generator=generator)
-
-    for _ in range(max_rounds):
-        count = mask.flatten(1).sum(1)
+    aspects = np.exp(log_lo + rounds[:, 1] * (log_hi - log_lo))  # [rounds, B]: does not depend on the mask
+    for r in range(max_rounds):
         remaining = num_masked - count
-        upper = torch.clamp(remaining, max=max_block).float()
-        target = min_block + u(batch_size) * (upper - min_block).clamp(min=0)
-        aspect = torch.exp(log_lo + u(batch_size) * (log_hi - log_lo))
-        h = torch.round(torch.sqrt(target * aspect)).long().clamp(1, gh)
-        w = torch.round(torch.sqrt(target / aspect)).long().clamp(1, gw)
-        top = (u(batch_size) * (gh - h + 1).float()).long()
-        left = (u(batch_size) * (gw - w + 1).float()).long()
-        block = (
-            (ys >= top.view(-1, 1, 1)) & (ys < (top + h).view(-1, 1, 1))
-            & (xs >= left.view(-1, 1, 1)) & (xs < (left + w).view(-1, 1, 1))
-        )
-        new = (block & ~mask).flatten(1).sum(1)
+        if not (remaining > 0).any():
+            break  # no later round can accept a block (the uniforms are drawn already)
+        u_area, _, u_top, u_left = rounds[r]
+        aspect = aspects[r]
+        upper = np.minimum(remaining, max_block)
+        target = min_block + u_area * np.clip(upper - min_block, 0, None)
+        h = np.clip(np.rint(np.sqrt(target * aspect)), 1, gh).astype(np.int64)
+        w = np.clip(np.rint(np.sqrt(target / aspect)), 1, gw).astype(np.int64)
+        top = (u_top * (gh - h + 1)).astype(np.int64)
+        left = (u_left * (gw - w + 1)).astype(np.int64)
+        rows = (ys >= top[:, None]) & (ys < (top + h)[:, None])  # [B, gh]
+        cols = (xs >= left[:, None]) & (xs < (left + w)[:, None])  # [B, gw]
+        block = rows[:, :, None] & cols[:, None, :]
+        new = (block & ~mask).sum((1, 2))
         accept = (new > 0) & (new <= remaining)
-        mask |= block & accept.view(-1, 1, 1)
-    mask = mask.flatten(1)
+        mask |= block & accept[:, None, None]
+        count += np.where(accept, new, 0)
     # top up (or, never in practice, trim) to exactly num_masked with random patches
-    noise = u(batch_size, n)
-    score = mask.float() * 2.0 + noise  # masked first, then random order
-    keep = score.argsort(dim=1, descending=True)[:, :num_masked]
-    out = torch.zeros_like(mask)
-    out.scatter_(1, keep, True)
+    score = mask.reshape(b, n) * 2.0 + noise  # masked first, then random order
+    keep = np.argsort(-score, axis=1, kind="stable")[:, :num_masked]
+    out = np.zeros((b, n), dtype=bool)
+    np.put_along_axis(out, keep, True, axis=1)
     return out
 
 
@@ -155,11 +180,9 @@ def sample_plan(
     """Sample a plan for a batch. num_predicted is m (mapet/pet) or the masked count (mim)."""
     n = grid * grid
     if kind == "mim":
-        flags = sample_block_mask(
-            batch_size, grid, num_predicted, min_block=min_block, max_block=max_block,
-            min_aspect=min_aspect, device=device, generator=generator,
-        )
-        return Plan("mim", _predicted_from_flags(flags, num_predicted))
+        flags = _block_mask_host(batch_size, grid, num_predicted, min_block, max_block, min_aspect, 64, generator)
+        predicted = np.nonzero(flags)[1].reshape(batch_size, num_predicted)  # row-major: sorted per row
+        return Plan("mim", to_device(torch.from_numpy(predicted), device))
     return sample_permutation_plan(kind, batch_size, n, num_predicted, device=device, generator=generator)
 
 

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mapet_ds.config import ModelConfig, ObjectiveConfig
 from mapet_ds.models.objectives import Plan, attention_mask, sample_plan
-from mapet_ds.models.two_stream import TwoStreamMask, build_block_mask, flex_trains_on, two_stream_block
+from mapet_ds.models.two_stream import TwoStreamMask, additive_mask, build_block_mask, flex_trains_on, two_stream_attention
 from mapet_ds.models.vit import build_backbone
 
 
@@ -43,7 +43,10 @@ class PretrainModel(nn.Module):
         self.grad_checkpointing = model_cfg.grad_checkpointing
         # regional compilation: one graph for the block function, reused by every block
         # (dynamo treats the block's parameters as inputs), so compile time does not grow
-        # with depth and the DeepSpeed engine still sees a plain nn.Module
+        # with depth and the DeepSpeed engine still sees a plain nn.Module. Nothing that
+        # differs between blocks may be a Python constant in it: the drop-path rates are
+        # (timm's DropPath.drop_prob, a float per block), so the draws are made outside
+        # and passed in as tensors (``_drop_path_scales``)
         self._apply_block = torch.compile(_apply_block, dynamic=False) if model_cfg.compile else _apply_block
         d = model_cfg.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
@@ -84,21 +87,47 @@ class PretrainModel(nn.Module):
         x = torch.cat([bb.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         return bb.pos_drop(x + bb.pos_embed)
 
+    def _drop_path_scales(self, z: torch.Tensor) -> list[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """Per block, the two per-sample residual scales [B,1,1] of timm's DropPath (0 or 1/keep).
+
+        The same draws, in the same order, as timm's ``drop_path`` makes in an eager
+        ``Block.forward`` (in z's dtype; timm's is the branch output's, the same one without
+        autocast). Blocks without drop path get ones (not None) while any block has one, so
+        every block calls the compiled function with the same argument kinds.
+        All None in eval mode or with model.drop_path=0.
+        """
+        blocks = self.backbone.blocks
+        probs = [(getattr(b.drop_path1, "drop_prob", 0.0), getattr(b.drop_path2, "drop_prob", 0.0)) for b in blocks]
+        if not self.training or not any(p > 0 for pair in probs for p in pair):
+            return [(None, None)] * len(blocks)
+        shape = (z.shape[0],) + (1,) * (z.ndim - 1)
+
+        def draw(dp: nn.Module, p: float) -> torch.Tensor:
+            if p <= 0:
+                return z.new_ones(shape)  # a fresh tensor: one aliased pair would be another graph
+            keep = 1.0 - p
+            scale = z.new_empty(shape).bernoulli_(keep)
+            return scale.div_(keep) if keep > 0 and getattr(dp, "scale_by_keep", True) else scale
+
+        return [(draw(b.drop_path1, p1), draw(b.drop_path2, p2)) for b, (p1, p2) in zip(blocks, probs)]
+
     def _run_blocks(self, z: torch.Tensor, num_keys: Optional[int], mask: Optional[TwoStreamMask]) -> torch.Tensor:
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for blk in self.backbone.blocks:
-            z = self._apply_block(blk, z, num_keys, mask, ckpt)
+        for blk, (keep1, keep2) in zip(self.backbone.blocks, self._drop_path_scales(z)):
+            z = self._apply_block(blk, z, num_keys, mask, ckpt, keep1, keep2)
         return z
 
-    def two_stream_mask(self, plan: Plan) -> TwoStreamMask:
-        """The step's mask, shared by all layers: dense bool [B,1,L,K] (sdpa) or a BlockMask (flex)."""
+    def two_stream_mask(self, plan: Plan, dtype: torch.dtype = torch.float32) -> TwoStreamMask:
+        """The step's mask, shared by all layers: additive [B,1,L,K] in ``dtype`` (the compute
+        dtype; sdpa, see ``additive_mask``) or a BlockMask (flex)."""
         if self.model_cfg.attention == "sdpa":
-            return attention_mask(plan)
+            return additive_mask(attention_mask(plan), dtype)
         dense = torch.is_grad_enabled() and not flex_trains_on(plan.predicted.device)
         if dense:
             warnings.warn("model.attention=flex: torch has no FlexAttention backward on the CPU; this step "
                           "evaluates the same mask_mod densely with sdpa", stacklevel=2)
-        return build_block_mask(plan, dense=dense)
+            return additive_mask(build_block_mask(plan, dense=True), dtype)
+        return build_block_mask(plan)
 
     def forward_features(self, images: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Final-normed features at the predicted positions: [B, m, D]."""
@@ -120,7 +149,9 @@ class PretrainModel(nn.Module):
         else:
             raise ValueError(f"unknown objective {plan.kind!r}")
         num_keys = z.shape[1] - m
-        z = self._run_blocks(z, num_keys, self.two_stream_mask(plan))
+        dev = z.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else z.dtype
+        z = self._run_blocks(z, num_keys, self.two_stream_mask(plan, dtype))
         return self.backbone.norm(z[:, num_keys:])
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, plan: Plan) -> dict[str, torch.Tensor]:
@@ -141,14 +172,27 @@ class PretrainModel(nn.Module):
         return {"loss": loss, "acc": hits.float().mean(), "logits": logits, "targets": targets, "hits": hits}
 
 
-def _block(blk: nn.Module, z: torch.Tensor, num_keys: Optional[int], mask: Optional[TwoStreamMask]) -> torch.Tensor:
-    """One timm block: single stream (mim, ``num_keys`` None) or both streams. z: [B, L, D]."""
-    return blk(z) if num_keys is None else two_stream_block(blk, z, num_keys, mask)
+def _block(blk: nn.Module, z: torch.Tensor, num_keys: Optional[int], mask: Optional[TwoStreamMask],
+           keep1: Optional[torch.Tensor], keep2: Optional[torch.Tensor]) -> torch.Tensor:
+    """One timm ``Block``: single stream (mim, ``num_keys`` None) or both streams. z: [B, L, D].
+
+    timm's ``Block.forward`` with its DropPath modules replaced by the drawn per-sample
+    scales keep1/keep2 [B,1,1] (None: no drop path); timm's drop_path is ``x * scale`` too.
+    """
+    if num_keys is None:
+        h = blk.attn(blk.norm1(z))
+    else:
+        h = two_stream_attention(blk.attn, blk.norm1(z), num_keys, mask)
+    h = blk.ls1(h)
+    z = z + (h if keep1 is None else h * keep1)
+    h = blk.ls2(blk.mlp(blk.norm2(z)))
+    return z + (h if keep2 is None else h * keep2)
 
 
 def _apply_block(blk: nn.Module, z: torch.Tensor, num_keys: Optional[int], mask: Optional[TwoStreamMask],
-                 ckpt: bool) -> torch.Tensor:
+                 ckpt: bool, keep1: Optional[torch.Tensor] = None, keep2: Optional[torch.Tensor] = None
+                 ) -> torch.Tensor:
     # checkpoint inside the compiled function: dynamo traces it as one recompute region
     if ckpt:
-        return checkpoint(_block, blk, z, num_keys, mask, use_reentrant=False)
-    return _block(blk, z, num_keys, mask)
+        return checkpoint(_block, blk, z, num_keys, mask, keep1, keep2, use_reentrant=False)
+    return _block(blk, z, num_keys, mask, keep1, keep2)

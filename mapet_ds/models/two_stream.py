@@ -2,8 +2,8 @@
 
 Both streams live in one tensor ``z = [content; query]`` of length L = L_c + L_q.
 Everything in a pre-norm block except attention is per-token, so LayerNorms, MLP,
-LayerScale and drop-path run once over ``z``; timm's per-sample DropPath over ``z``
-is then exactly "one draw per sample per branch, applied to both streams". Attention
+LayerScale and drop-path run once over ``z`` (models/pretrain.py ``_block``); one
+per-sample drop-path draw per branch then applies to both streams. Attention
 takes queries from all L rows and keys/values from the first L_c (content) rows, in
 one ``scaled_dot_product_attention`` call with a boolean mask broadcast over heads,
 or (``model.attention=flex``) one FlexAttention call with a ``BlockMask`` built once
@@ -22,7 +22,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, crea
 
 from mapet_ds.models.objectives import Plan, attention_ranks
 
-# a dense bool mask [B, 1, L, K] (sdpa) or a FlexAttention BlockMask
+# a dense additive (or bool) mask [B, 1, L, K] (sdpa) or a FlexAttention BlockMask
 TwoStreamMask = Union[torch.Tensor, BlockMask]
 
 
@@ -61,6 +61,22 @@ def build_block_mask(plan: Plan, *, dense: bool = False) -> TwoStreamMask:
     return make(mask_mod, b, None, rows, keys, device=device)
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [B, 1, L, K] (True = may attend) -> additive [B, 1, L, K] in ``dtype``: 0 or -inf.
+
+    What sdpa does to a bool mask inside every call (forward and backward): turn it into
+    an additive mask in the query dtype and, for the memory-efficient kernel, copy it into
+    a buffer whose key stride is a multiple of 8 (ViT-B mapet: 344 -> 352 keys). Built
+    once per step here and shared by all layers: the result is a view of a [B, 1, L, K8]
+    buffer (K8 = K rounded up to a multiple of 8) that sdpa takes as it is.
+    """
+    b, h, l, k = allowed.shape
+    k8 = -(-k // 8) * 8
+    buf = torch.zeros(b, h, l, k8, dtype=dtype, device=allowed.device)
+    bias = buf[..., :k]
+    return bias.masked_fill_(~allowed, float("-inf"))
+
+
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     # eager FlexAttention materialises the scores; on CUDA the fused kernel needs compile
     # (inside an already compiled block dynamo traces flex_attention itself)
@@ -78,7 +94,8 @@ def two_stream_attention(attn: nn.Module, x: torch.Tensor, num_keys: int, mask: 
     """Self-attention of a timm ``Attention`` with keys/values from the content rows.
 
     x: [B, L, D] normalised tokens, content stream first (``num_keys`` rows).
-    mask: bool [B, 1, L, num_keys], True = may attend (sdpa), or a BlockMask of that shape.
+    mask: additive [B, 1, L, num_keys] in the compute dtype (``additive_mask``) or bool,
+        True = may attend (sdpa), or a BlockMask of that shape.
     Returns [B, L, D] (after the output projection).
     """
     b, l, d = x.shape
@@ -104,15 +121,3 @@ def two_stream_attention(attn: nn.Module, x: torch.Tensor, num_keys: int, mask: 
     out = out.transpose(1, 2).reshape(b, l, d)
     out = getattr(attn, "norm", nn.Identity())(out)
     return attn.proj_drop(attn.proj(out))
-
-
-def two_stream_block(blk: nn.Module, z: torch.Tensor, num_keys: int, mask: TwoStreamMask) -> torch.Tensor:
-    """One timm ``Block`` applied to both streams.
-
-    z: [B, L, D] = [content (num_keys rows); query rows]; mask: bool [B, 1, L, num_keys]
-    or the BlockMask of the same shape.
-    Returns [B, L, D].
-    """
-    z = z + blk.drop_path1(blk.ls1(two_stream_attention(blk.attn, blk.norm1(z), num_keys, mask)))
-    z = z + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(z))))
-    return z

@@ -154,6 +154,22 @@ def round_half_even_div2(d):
 CENTER_ANCHOR = "floor"
 
 
+def decoder_kwargs(mode: str) -> dict:
+    """Arguments of every ``fn.decoders.*`` call: device, RGB output and, in mixed mode,
+    ``jpeg_fancy_upsampling=True``.
+
+    nvJPEG (mixed) defaults to a different chroma upsampling from libjpeg-turbo (the CPU
+    decoder) and PIL, so tokens made from one backend and training views decoded by the
+    other would differ at colour edges; fancy upsampling makes GPU decode equal CPU decode.
+    """
+    from nvidia.dali import types
+
+    kw = {"device": mode, "output_type": types.RGB}
+    if mode == "mixed":
+        kw["jpeg_fancy_upsampling"] = True
+    return kw
+
+
 def decode_center_square(jpegs, mode: str):
     """Decode only the centre square (side = shorter side) of each image. -> uint8 HWC, RGB.
 
@@ -161,15 +177,13 @@ def decode_center_square(jpegs, mode: str):
     covers, so visual tokens stay aligned with patches. The anchor floors odd margins
     (``(w - side) // 2``) exactly as timm's RandomResizedCrop(scale=(1, 1), ratio=(1, 1)).
     """
-    from nvidia.dali import fn, math as dmath, types
+    from nvidia.dali import fn, math as dmath
 
     shape = fn.peek_image_shape(jpegs)  # [H, W, C], int64, EXIF orientation applied like the decoder
     h, w = shape[0], shape[1]
     side = dmath.min(h, w)
     anchor = fn.stack((h - side) // 2, (w - side) // 2)
-    return fn.decoders.image_slice(
-        jpegs, anchor, fn.stack(side, side), axes=[0, 1], device=mode, output_type=types.RGB
-    )
+    return fn.decoders.image_slice(jpegs, anchor, fn.stack(side, side), axes=[0, 1], **decoder_kwargs(mode))
 
 
 def decode_resize_shorter_center_crop(jpegs, mode: str, *, scale_size: int, crop: int, interp):
@@ -185,7 +199,7 @@ def decode_resize_shorter_center_crop(jpegs, mode: str, *, scale_size: int, crop
     short = dmath.min(h, w)
     new_h = (scale_size * h) // short
     new_w = (scale_size * w) // short
-    img = fn.decoders.image(jpegs, device=mode, output_type=types.RGB)
+    img = fn.decoders.image(jpegs, **decoder_kwargs(mode))
     img = fn.resize(
         img,
         resize_x=fn.cast(new_w, dtype=types.FLOAT),

@@ -114,9 +114,8 @@ def build_pretrain(fl: FileList, *, img_size: int, batch_size: int, shard_id: in
             C.file_reader(fl, shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed)
         flip = None
         if random_resized_crop:
-            img = fn.decoders.image_random_crop(jpegs, device=mode, output_type=types.RGB,
-                                                random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
-                                                num_attempts=10)
+            img = fn.decoders.image_random_crop(jpegs, random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                                num_attempts=10, **C.decoder_kwargs(mode))
             flip = fn.random.coin_flip(probability=0.5)
         else:
             img = C.decode_center_square(jpegs, mode)
@@ -147,16 +146,15 @@ def build_finetune_train(fl: FileList, *, img_size: int, batch_size: int, shard_
     """RRC (resized with ``interpolation``, timm's RandomResizedCropAndInterpolation) + flip +
     RandAugment (filling with ``mean`` in 0..255) + normalise, in timm's ``create_transform`` order. -> images float32 [B,3,S,S], ids [B] (+ the ``reader``'s extra
     outputs, as in build_pretrain)."""
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn
 
     interp = _interp(interpolation)
 
     def graph():
         jpegs, ids, *extra = reader() if reader is not None else \
             C.file_reader(fl, shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed)
-        img = fn.decoders.image_random_crop(jpegs, device=mode, output_type=types.RGB,
-                                            random_area=list(scale), random_aspect_ratio=list(ratio),
-                                            num_attempts=10)
+        img = fn.decoders.image_random_crop(jpegs, random_area=list(scale), random_aspect_ratio=list(ratio),
+                                            num_attempts=10, **C.decoder_kwargs(mode))
         img = fn.resize(img, size=[img_size, img_size], interp_type=interp, antialias=True)
         if hflip > 0:  # before RandAugment, as timm: a translate/shear sign is not undone by the flip
             img = fn.flip(img, horizontal=fn.random.coin_flip(probability=hflip))

@@ -22,6 +22,7 @@ from mapet_ds.filelist import FileList, shard_indices
 from mapet_ds.pipelines import common as C
 from mapet_ds.pipelines import graphs as G
 from mapet_ds.pipelines.randaugment import RandAugmentSpec, parse_rand_augment
+from mapet_ds.transfer import to_device
 
 STATE_FORMAT = "mapet_ds.pipelines/1"
 # A loader state merged from every rank of another world size (``merge_rank_states``).
@@ -158,7 +159,7 @@ class TrainLoader(EpochPosition):
             batch["sample_ids"] = self._tail_ids[batch["sample_ids"]]
         self._used[batch["sample_ids"].numpy()] = True
         if self._labels is not None:
-            batch["labels"] = self._labels[batch["sample_ids"]].to(self._device, non_blocking=True)
+            batch["labels"] = to_device(self._labels[batch["sample_ids"]], self._device)
         return batch
 
     def _locate(self, cause: str) -> str | None:
@@ -334,8 +335,8 @@ class EvalLoader:
             self._taken += 1
             ids = ids.reshape(-1).to(torch.int64)
             pos = torch.arange(i * self.batch_size, (i + 1) * self.batch_size)
-            last = {"images": images, "labels": self._labels[ids].to(self._device), "sample_ids": ids,
-                    "valid": (pos < len(self.sample_ids)).to(self._device)}
+            last = {"images": images, "labels": to_device(self._labels[ids], self._device), "sample_ids": ids,
+                    "valid": to_device(pos < len(self.sample_ids), self._device)}
             yield last
         self._taken = 0
 

@@ -166,7 +166,7 @@ def build_seg_train(sl: SegList, *, crop: int, img_scale: Sequence[int], ratio_r
     def graph():
         jpegs, pngs, ids, mids = _pair_reader(fl, sl.masks, shard_id=shard_id, num_shards=num_shards,
                                               shuffle_seed=seed)
-        img = fn.decoders.image(jpegs, device=mode, output_type=types.RGB)
+        img = fn.decoders.image(jpegs, **C.decoder_kwargs(mode))
         msk = _decode_mask(pngs, reduce_zero_label)
         shape = fn.peek_image_shape(jpegs)
         r = fn.random.uniform(range=list(ratio_range))
@@ -209,7 +209,7 @@ def build_seg_eval(sl: SegList, *, img_scale: Sequence[int], reduce_zero_label: 
     def graph():
         jpegs, pngs, ids, mids = _pair_reader(sl.fl, sl.masks, shard_id=shard_id, num_shards=num_shards,
                                               shuffle_seed=None)
-        img = fn.decoders.image(jpegs, device=mode, output_type=types.RGB)
+        img = fn.decoders.image(jpegs, **C.decoder_kwargs(mode))
         shape = fn.peek_image_shape(jpegs)
         nh, nw = _keep_ratio_size(shape[0], shape[1], long_side, short_side)
         img = fn.resize(img, resize_x=nw, resize_y=nh, interp_type=types.INTERP_LINEAR, antialias=False)

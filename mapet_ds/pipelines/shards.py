@@ -45,6 +45,7 @@ from mapet_ds.pipelines.loaders import (
     parse_state,
     pretrain_view,
 )
+from mapet_ds.transfer import to_device
 
 # the shard-set format and its checks live in shardset.py; re-exported here
 from mapet_ds.pipelines.shardset import (  # noqa: E402,F401
@@ -159,7 +160,7 @@ class ShardTrainLoader(EpochPosition):
         self._step += 1
         batch = dict(zip(self._outputs, tensors))
         batch["sample_ids"] = batch["sample_ids"].reshape(-1)
-        batch["labels"] = batch["labels"].reshape(-1).to(self._device, non_blocking=True)
+        batch["labels"] = to_device(batch["labels"].reshape(-1), self._device)
         return batch
 
     def state(self) -> str:
@@ -219,8 +220,8 @@ class ShardEvalLoader:
             images, ids, labels = C.dali_to_torch(C.run_pipeline(self._pipe, self._path), self._device)
             self._taken += 1
             pos = torch.arange(i * B, (i + 1) * B)
-            last = {"images": images, "labels": labels.reshape(-1).to(self._device),
-                    "sample_ids": ids.reshape(-1), "valid": (pos < self.num_local).to(self._device)}
+            last = {"images": images, "labels": to_device(labels.reshape(-1), self._device),
+                    "sample_ids": ids.reshape(-1), "valid": to_device(pos < self.num_local, self._device)}
             yield last
         self._taken = 0
 

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mapet_ds.transfer import to_device
+
 
 class FeatureError(ValueError):
     """An extractor cannot be built as asked (weights, model name, grid, input size)."""
@@ -94,7 +96,7 @@ class PixelPatchExtractor:
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         """images: uint8 [B, 3, S, S] -> float32 [B, grid*grid, 3*p*p] (on self.device)."""
         _check_images(images, self.input_size)
-        x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        x = to_device(images, self.device).float().div_(255.0)
         p = self.patch_size
         # [B, 3*p*p, grid*grid] with each column one patch; cells in row-major order.
         cols = F.unfold(x, kernel_size=p, stride=p)
@@ -244,7 +246,7 @@ class ClipExtractor:
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         """images: uint8 [B, 3, S, S] RGB -> float32 [B, grid*grid, dim] (on self.device)."""
         _check_images(images, self.input_size)
-        x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        x = to_device(images, self.device).float().div_(255.0)
         x = (x - self._mean) / self._std
         return self._features(x)
 

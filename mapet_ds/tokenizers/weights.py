@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mapet_ds.transfer import to_device
+
 __all__ = [
     "TokenizerWeightsError", "file_sha256", "unwrap_state_dict", "read_state_dict", "check_state_dict",
     "prepare_images", "autocast_or_off", "first_items",
@@ -138,9 +140,9 @@ def prepare_images(images: torch.Tensor, size: int, device: torch.device) -> tor
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"images: expected an RGB tensor [B, 3, H, W], got {shape}")
     if images.dtype == torch.uint8:
-        x = images.to(device, non_blocking=True).float().div_(255.0)
+        x = to_device(images, device).float().div_(255.0)
     elif images.is_floating_point():
-        x = images.to(device, non_blocking=True).float()
+        x = to_device(images, device).float()
         # One host sync; negligible next to the encoder forward, and it catches the
         # common mistake of passing 0..255 floats (the tokens would be garbage).
         lo, hi = torch.aminmax(x)
