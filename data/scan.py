@@ -26,10 +26,13 @@ make token stores from the clean list.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
+import stat
 import sys
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -46,52 +49,136 @@ from mapet_ds.safe_io import (  # noqa: E402
     atomic_write_bytes,
     atomic_write_text,
     contained_names,
+    out_folder,
     path_under,
+    print_error,
+    sub_folder,
 )
 
-DROP = ("truncated", "undecodable")
-CONVERT = ("cmyk", "wrong_format")
+DROP = ("truncated", "undecodable", "not_a_file", "too_large")
+CONVERT = ("cmyk", "wrong_format", "unsupported")
 WARN = ("grayscale", "tiny")
 ISSUES = DROP + CONVERT + WARN
+
+# Defaults of the caps (--max-pixels, --max-bytes). A 100-megapixel image decodes to 300 MB of
+# RGB; camera photos (ImageNet-21k's largest) stay well below, decompression bombs do not.
+DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_BYTES = 256 * 2**20
 
 _EXPECTED = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP",
              ".tif": "TIFF", ".tiff": "TIFF"}
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+# The rule is "DALI decodes it", not "PIL opens it": the (format, PIL mode) pairs DALI's decoders
+# take (measured with DALI 2.4's CPU decoder, tests/test_data_hostile.py checks every pair that
+# PIL writes). Anything else PIL opens (32-bit integer or float TIFF, bilevel or YCbCr TIFF, ...)
+# is "unsupported": repaired to an RGB JPEG, or dropped.
+DALI_MODES = {
+    "JPEG": {"L", "RGB", "CMYK"},
+    "PNG": {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "I;16B"},
+    "BMP": {"1", "L", "P", "RGB", "RGBA"},
+    "WEBP": {"L", "LA", "RGB", "RGBA"},
+    "TIFF": {"L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"},
+}
+# Formats PIL may identify: what DALI reads plus the few a mislabelled file tends to be. Never
+# PIL's full plugin list: EPS would run Ghostscript on a hostile file.
+_PIL_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF", "PPM")
+_KIND = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+         stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
 
 
-def check_image(path: str, min_size: int = 32) -> dict:
-    """Inspect one file. -> {"issues": [...], "format", "mode", "size", "detail"}."""
-    info: dict = {"issues": [], "format": None, "mode": None, "size": None, "detail": ""}
+class NotAnImage(Exception):
+    """A listed path that cannot be read as an image file: ``issue`` (one of DROP) and a detail."""
+
+    def __init__(self, issue: str, detail: str):
+        super().__init__(detail)
+        self.issue, self.detail = issue, detail
+
+
+def read_image_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``, else NotAnImage.
+
+    Only regular files are images: a FIFO would block a reader forever and ``/dev/zero``
+    never ends, so the type is checked (``stat``, following links) before the file is
+    opened, and again on the open descriptor (``O_NONBLOCK``: a FIFO swapped in meanwhile
+    does not block); the read stops one byte past the cap.
+    """
     try:
-        data = Path(path).read_bytes()
+        st = os.stat(path)
     except OSError as e:
-        info["issues"].append("undecodable")
-        info["detail"] = f"cannot read: {e}"
-        return info
+        raise NotAnImage("undecodable", f"cannot read: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise NotAnImage("not_a_file", f"not a regular file ({_KIND.get(stat.S_IFMT(st.st_mode), 'special file')})")
+    if st.st_size > max_bytes:
+        raise NotAnImage("too_large", f"{st.st_size} bytes, over the cap of {max_bytes} (--max-bytes)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise NotAnImage("undecodable", f"cannot read: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise NotAnImage("not_a_file", "not a regular file (replaced while being checked)")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise NotAnImage("undecodable", f"cannot read: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise NotAnImage("too_large", f"over the cap of {max_bytes} bytes (--max-bytes)")
+    return data
+
+
+@contextlib.contextmanager
+def _pixel_cap(max_pixels: int):
+    """PIL's own bomb check at our cap (PIL raises at twice it, we refuse above it ourselves)."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(1, int(max_pixels))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def check_bytes(data: bytes, name: str, min_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """Inspect one image's bytes (``name`` only for its extension).
+    -> {"issues": [...], "format", "mode", "size", "detail"}; never raises on bad data."""
+    info: dict = {"issues": [], "format": None, "mode": None, "size": None, "detail": ""}
     if not data:
         info["issues"].append("undecodable")
         info["detail"] = "empty file"
         return info
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _pixel_cap(max_pixels), Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as img:
             info.update(format=img.format, mode=img.mode, size=list(img.size))
+            w, h = img.size
+            if w * h > max_pixels:  # refused from the header, before anything is decoded
+                info["issues"].append("too_large")
+                info["detail"] = f"{w}x{h} = {w * h} pixels, over the cap of {max_pixels} (--max-pixels)"
+                return info
             img.load()  # full decode: PIL raises on truncated data (LOAD_TRUNCATED_IMAGES is off)
     except UnidentifiedImageError:  # its message names our in-memory buffer, not the file
         info["issues"].append("undecodable")
         info["detail"] = "not an image (unknown format)"
         return info
-    except (SyntaxError, ValueError) as e:
-        info["issues"].append("undecodable")
-        info["detail"] = str(e)
+    except Image.DecompressionBombError as e:
+        info["issues"].append("too_large")
+        info["detail"] = f"{e} (--max-pixels)"
         return info
     except OSError as e:
         info["issues"].append("truncated" if "truncated" in str(e).lower() or info["format"] else "undecodable")
         info["detail"] = str(e)
         return info
-    expected = _EXPECTED.get(Path(path).suffix.lower())
+    except Exception as e:  # noqa: BLE001 - hostile bytes make PIL raise anything (struct.error, ...)
+        info["issues"].append("undecodable")
+        info["detail"] = f"{type(e).__name__}: {e}"
+        return info
+    expected = _EXPECTED.get(os.path.splitext(name)[1].lower())
     if expected and info["format"] != expected:
         info["issues"].append("wrong_format")
-        info["detail"] = f"{info['format']} data behind a {Path(path).suffix} name"
+        info["detail"] = f"{info['format']} data behind a {os.path.splitext(name)[1]} name"
+    elif info["mode"] not in DALI_MODES.get(info["format"], ()) and info["mode"] != "CMYK":
+        info["issues"].append("unsupported")
+        info["detail"] = f"{info['format']} in PIL mode {info['mode']}, which DALI's decoders do not take"
     if info["mode"] == "CMYK":
         info["issues"].append("cmyk")
     if info["mode"] in _GRAY_MODES:
@@ -101,9 +188,27 @@ def check_image(path: str, min_size: int = 32) -> dict:
     return info
 
 
-def _repair(src: str, dst: Path) -> None:
+def check_image(path: str, min_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+    """Inspect one file (a regular file, read with a size cap). -> check_bytes' dict."""
+    try:
+        data = read_image_bytes(path, max_bytes)
+    except NotAnImage as e:
+        return {"issues": [e.issue], "format": None, "mode": None, "size": None, "detail": e.detail}
+    return check_bytes(data, path, min_size, max_pixels)
+
+
+def repaired_name(rel: str) -> str:
+    """Name of the RGB JPEG copy of ``rel``: the same name if it already says JPEG, else with
+    ``.jpg`` appended (``x.png`` -> ``x.png.jpg``), so later checks find JPEG data behind a
+    JPEG name."""
+    return rel if os.path.splitext(rel)[1].lower() in (".jpg", ".jpeg") else rel + ".jpg"
+
+
+def _repair(src: str, dst: Path, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
     """Re-encode ``src`` as an RGB JPEG at ``dst`` (atomic)."""
-    with Image.open(src) as img:
+    data = read_image_bytes(src, max_bytes)
+    with _pixel_cap(max_pixels), Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as img:
         rgb = img.convert("RGB")
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=95)
@@ -111,8 +216,8 @@ def _repair(src: str, dst: Path) -> None:
 
 
 def _check(args: tuple) -> dict:
-    sample_id, rel, abspath, min_size, repair = args
-    info = check_image(abspath, min_size)
+    sample_id, rel, abspath, min_size, repair, max_pixels, max_bytes = args
+    info = check_image(abspath, min_size, max_pixels, max_bytes)
     issues = info["issues"]
     if any(i in DROP for i in issues):
         action = "dropped"
@@ -124,10 +229,12 @@ def _check(args: tuple) -> dict:
 
 
 def _repair_job(args: tuple) -> str:
-    src, dst = args
+    src, dst, max_pixels, max_bytes = args
     try:
-        _repair(src, Path(dst))
+        _repair(src, Path(dst), max_pixels, max_bytes)
         return ""
+    except NotAnImage as e:
+        return f"; repair failed: {e.detail}"
     except Exception as e:  # a file PIL opened but cannot convert: report, do not crash the scan
         return f"; repair failed: {e}"
 
@@ -149,7 +256,8 @@ def _map(fn, jobs: list, workers: int, bar) -> list:
 
 def scan_filelist(filelist: str | os.PathLike, out_dir: str | os.PathLike, *, root: str | os.PathLike | None = None,
                   workers: int | None = None, min_size: int = 32, repair: bool = False,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Scan every image of ``filelist``; write the clean list + JSON report into ``out_dir``.
 
     Returns the report dict (also written as JSON): counts per issue, the paths of the
@@ -161,32 +269,31 @@ def scan_filelist(filelist: str | os.PathLike, out_dir: str | os.PathLike, *, ro
     guard = InputGuard().add(fl.list_path, "the file list being scanned")
     guard.add(fl.list_path.parent / "classes.txt", "the class names of the list")
     guard.add_files(fl.abspaths(), "an image of the list")
+    out_folder(out, guard)
     clean_path = guard.check(out / f"{stem}_clean.txt")
     report_path = guard.check(out / f"{stem}_scan.json")
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = [(i, rel, fl.abspath(i), min_size, repair) for i, rel in enumerate(fl.paths)]
+    jobs = [(i, rel, fl.abspath(i), min_size, repair, max_pixels, max_bytes) for i, rel in enumerate(fl.paths)]
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    bar = tqdm(total=len(jobs), desc=f"scan {fl.list_path.name}", unit="img", disable=not progress)
-    results: list[dict] = _map(_check, jobs, workers, bar)
-    bar.close()
+    with tqdm(total=len(jobs), desc=f"scan {fl.list_path.name}", unit="img", disable=not progress) as bar:
+        results: list[dict] = _map(_check, jobs, workers, bar)
 
-    # Repairs run after the scan, so every destination is checked here, in one process:
-    # under OUT/repaired/ whatever the list path, and never one of the list's images.
+    # Repairs run after the scan, so every destination is checked here, in one process: under
+    # OUT/repaired/ whatever the list path, real path inside OUT (a link at OUT/repaired or
+    # deeper is refused), never one of the list's images, named after the new format.
     to_repair = [r for r in results if r["action"] == "repair"]
     if to_repair:
-        names = contained_names(fl.paths)
-        repaired_dir = out / "repaired"
+        names = contained_names([repaired_name(p) for p in fl.paths])
+        sub_folder(out, "repaired")
         for r in to_repair:
             r["repaired"] = "repaired/" + names[r["sample_id"]]
-            dst = guard.check(path_under(repaired_dir, names[r["sample_id"]]))
+            dst = guard.check(path_under(out, r["repaired"]))
             if dst.exists() and os.path.samefile(dst, fl.abspath(r["sample_id"])):  # reached through a link
                 raise UnsafeWriteError(f"refusing to write {dst}: it is the image {fl.abspath(r['sample_id'])} "
                                        f"of the list, an input of this command; choose another --out")
             r["_dst"] = dst
-        bar = tqdm(total=len(to_repair), desc="repair", unit="img", disable=not progress)
-        failures = _map(_repair_job, [(fl.abspath(r["sample_id"]), str(r.pop("_dst"))) for r in to_repair],
-                        workers, bar)
-        bar.close()
+        with tqdm(total=len(to_repair), desc="repair", unit="img", disable=not progress) as bar:
+            failures = _map(_repair_job, [(fl.abspath(r["sample_id"]), str(r.pop("_dst")), max_pixels, max_bytes)
+                                          for r in to_repair], workers, bar)
         for r, fail in zip(to_repair, failures):
             r["action"] = "dropped" if fail else "repaired"
             r["detail"] += fail
@@ -217,6 +324,8 @@ def scan_filelist(filelist: str | os.PathLike, out_dir: str | os.PathLike, *, ro
         "actions": {a: sum(r["action"] == a for r in results) for a in ("kept", "repaired", "dropped")},
         "clean_list": str(clean_path),
         "min_size": min_size,
+        "max_pixels": max_pixels,
+        "max_bytes": max_bytes,
         "repair": repair,
         "problems": problems,
     }
@@ -232,14 +341,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=None, help="image root (default: the list's folder)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     ap.add_argument("--min-size", type=int, default=32, help="report images whose shorter side is below this")
+    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                    help="images larger than this (width x height, read from the header) are dropped as too_large "
+                         "(decompression bombs)")
+    ap.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="files larger than this are dropped")
     ap.add_argument("--repair", action="store_true", help="write RGB JPEG copies of convertible files")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
         report = scan_filelist(args.filelist, args.out, root=args.root, workers=args.workers,
-                               min_size=args.min_size, repair=args.repair, progress=not args.no_progress)
+                               min_size=args.min_size, repair=args.repair, progress=not args.no_progress,
+                               max_pixels=args.max_pixels, max_bytes=args.max_bytes)
     except (FileListError, UnsafeWriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items() if v) or "no issues"
     print(f"{report['num_files']} files: {counts}; clean list {report['clean_list']} ({report['num_clean']} lines); "

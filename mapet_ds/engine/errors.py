@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,7 +56,9 @@ def report_error(message: str) -> bool:
             return False
         if rank != 0:
             message = f"[rank {rank}] {message}"
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    from mapet_ds.safe_io import print_error
+
+    print_error(message)  # on a fresh line after any open progress bar
     return True
 
 
