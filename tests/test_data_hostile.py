@@ -1,0 +1,329 @@
+"""The data tools against hostile and careless input (issue 21): every test writes its own nasty
+files (glob-character paths, pre-placed symlinks, decompression bombs, FIFOs, 32-bit TIFFs,
+undecodable names, ...) and checks that nothing outside the tool's own outputs is touched, and
+that a bad input ends in one ``error:`` line (exit code 2) or a reported bad image, never a
+traceback or a hang."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, load_data_tool, run_py
+from PIL import Image
+
+from mapet_ds.filelist import FileList, read_filelist
+
+scan = load_data_tool("scan")
+make_filelist = load_data_tool("make_filelist")
+make_shards = load_data_tool("make_shards")
+
+
+def _jpeg(path: Path, colour=(120, 30, 200), size=(40, 36), mode="RGB", fmt="JPEG") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).convert(mode).save(path, format=fmt)
+    return path
+
+
+def _dataset(tmp_path: Path, n: int = 4) -> Path:
+    """tmp_path/ds/train/{a,b}/x<i>.JPEG and its lists; -> the train list."""
+    root = tmp_path / "ds"
+    for i in range(n):
+        _jpeg(root / f"train/{'ab'[i % 2]}/x{i}.JPEG", colour=(40 * i, 90, 200 - 30 * i))
+    make_filelist.make_filelists(root)
+    return root / "train.txt"
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """relative path -> md5 (or 'link -> target') of everything under ``folder``."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for f in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            p = os.path.join(dirpath, f)
+            rel = os.path.relpath(p, folder)
+            out[rel] = f"link -> {os.readlink(p)}" if os.path.islink(p) else hashlib.md5(Path(p).read_bytes()).hexdigest()
+    return out
+
+
+def _one_error(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A valid 8x8 JPEG whose SOF0 header claims ``width`` x ``height`` (a decompression bomb)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    i = data.index(b"\xff\xc0")
+    data[i + 5:i + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+# -- 1. globs over user paths -------------------------------------------------------------------
+
+def test_glob_characters_in_out_never_touch_another_folder(tmp_path):
+    lst = _dataset(tmp_path)
+    victim = tmp_path / "g1"
+    victim.mkdir()
+    for name in ("keep.tmp1", "shard-000000.tar.tmp7", "progress.tmp"):
+        (victim / name).write_text("someone else's")
+    before = _tree(victim)
+    out = tmp_path / "g[1]"
+    assert make_shards.main([str(lst), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    assert _tree(victim) == before  # the leftover-temp cleanup globbed "g[1]/*.tmp*" = g1/*.tmp*
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 4
+
+
+class _FakeTokenizer:
+    input_size, grid, vocab_size, device = 8, 2, 5, torch.device("cpu")
+
+    def spec(self):
+        return {"kind": "fake"}
+
+    def tokenize(self, images):  # uint8 [B,3,8,8] -> [B,4]
+        return images[:, 0, ::4, ::4].reshape(len(images), 4).long() % 5
+
+
+def _fake_loader(fl, *, size, batch_size, **_):
+    for s in range(0, len(fl), batch_size):
+        ids = torch.arange(s, min(s + batch_size, len(fl)))
+        yield {"images": ids.view(-1, 1, 1, 1).expand(-1, 3, size, size).to(torch.uint8), "sample_ids": ids}
+
+
+def test_token_store_with_glob_characters_leaves_other_stores_alone_and_completes(tmp_path):
+    from mapet_ds.tokenizers.store import assign_tokens
+
+    fl = FileList(tmp_path / "train.txt", tmp_path, [f"img{i}.jpg" for i in range(10)], [0] * 10)
+    victim = tmp_path / "t1"
+    (victim / "progress").mkdir(parents=True)
+    for c in range(3):
+        (victim / "progress" / f"chunk_{c:06d}.json").write_text("{}")
+    before = _tree(victim)
+    store = assign_tokens(fl, _FakeTokenizer(), tmp_path / "t[1]", batch_size=4, chunk_size=4, loader=_fake_loader,
+                          progress=False)
+    assert _tree(victim) == before
+    assert store.complete and json.loads((tmp_path / "t[1]" / "meta.json").read_text())["complete"]
+    assert sorted(os.listdir(tmp_path / "t[1]" / "progress")) == [f"chunk_{c:06d}.json" for c in range(3)]
+
+
+# -- 2. a symlinked OUT/repaired ----------------------------------------------------------------
+
+def test_scan_repair_refuses_a_symlinked_repaired_folder(tmp_path, capsys):
+    lst = _dataset(tmp_path)
+    _jpeg(lst.parent / "train/a/x0.JPEG", mode="CMYK")  # needs a repair
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "repaired").symlink_to(elsewhere)
+    assert scan.main([str(lst), "--out", str(out), "--repair", "--workers", "1", "--no-progress"]) == 2
+    err = _one_error(capsys.readouterr().err)
+    assert "repaired" in err and "leads out of it" in err
+    assert os.listdir(elsewhere) == []
+
+
+# -- 3. temporary files are created exclusively --------------------------------------------------
+
+def test_atomic_write_never_follows_a_pre_placed_temp_link(tmp_path):
+    from mapet_ds.safe_io import atomic_write_text, is_temp_of, temp_file
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out.txt"
+    # the name the old atomic_write used, and a few that look like the new ones
+    for name in (f".out.txt.tmp{os.getpid()}", ".out.txt.aaaaaaaa.tmp"):
+        (tmp_path / name).symlink_to(victim)
+    atomic_write_text(out, "new")
+    assert victim.read_text() == "precious" and out.read_text() == "new" and not out.is_symlink()
+    assert (tmp_path / f".out.txt.tmp{os.getpid()}").is_symlink()  # not ours: left alone
+    t = temp_file(out)
+    assert is_temp_of(t.name, r"out\.txt") and t.stat().st_size == 0 and not t.is_symlink()
+    assert not is_temp_of("out.txt.tmp1", r"out\.txt") and not is_temp_of(".out.txt.aaaaaaaa.tmp", r"x")
+
+
+def test_scan_writes_through_no_pre_placed_link_onto_its_list(tmp_path):
+    lst = _dataset(tmp_path)
+    list_bytes = lst.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    for pid in range(os.getpid() - 2, os.getpid() + 3):
+        (out / f".train_clean.txt.tmp{pid}").symlink_to(lst)
+        (out / f".train_scan.json.tmp{pid}").symlink_to(lst)
+    assert scan.main([str(lst), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    assert lst.read_bytes() == list_bytes
+    assert len(read_filelist(out / "train_clean.txt")) == 4
+
+
+# -- 4. outputs checked against every input -------------------------------------------------------
+
+def test_tokens_assign_refuses_a_listed_image_named_like_its_outputs(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "tokens.npy").write_bytes(b"an image, oddly named")
+    (tmp_path / "train.txt").write_text("store/tokens.npy\t0\n")
+    (tmp_path / "cb.pt").write_bytes(b"codebook")
+    p = run_py([REPO / "launch/tokens.py", "assign", "--filelist", "train.txt", "--codebook", "cb.pt",
+                "--out", "store"], cwd=tmp_path, check=False)
+    assert p.returncode == 2
+    assert _one_error(p.stderr) == ("error: refusing to write store/tokens.npy: it is an image of the list, an input "
+                                    "of this command; choose another --out")
+    assert (store / "tokens.npy").read_bytes() == b"an image, oddly named"
+
+
+def test_make_shards_refuses_an_out_holding_its_inputs(tmp_path, capsys):
+    lst = _dataset(tmp_path)
+    assert make_shards.main([str(lst), "--out", str(lst.parent / "train.txt"), "--no-progress"]) == 2
+    assert "refusing to write into" in _one_error(capsys.readouterr().err)
+    images = _tree(lst.parent / "train")
+    assert make_shards.main([str(lst), "--out", str(lst.parent / "train" / "a"), "--no-progress"]) == 2
+    assert "choose an empty folder" in _one_error(capsys.readouterr().err)
+    assert _tree(lst.parent / "train") == images
+
+
+# -- 7. decompression bombs -----------------------------------------------------------------------
+
+def test_bombs_are_reported_bad_images_not_tracebacks(tmp_path, capsys):
+    lst = _dataset(tmp_path)
+    root = lst.parent
+    (root / "train/a/x0.JPEG").write_bytes(_jpeg_claiming(60000, 60000))  # 779 bytes, 3.6 Gpx: PIL's error
+    (root / "train/b/x1.JPEG").write_bytes(_jpeg_claiming(12000, 10000))  # 120 Mpx: over our cap only
+    assert len((root / "train/a/x0.JPEG").read_bytes()) < 1000
+    out = tmp_path / "scan"
+    assert scan.main([str(lst), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    report = json.loads((out / "train_scan.json").read_text())
+    assert {p["path"]: (p["issues"], p["action"]) for p in report["problems"]} == {
+        "train/a/x0.JPEG": (["too_large"], "dropped"), "train/b/x1.JPEG": (["too_large"], "dropped")}
+    assert "--max-pixels" in report["problems"][0]["detail"]
+    assert len(read_filelist(out / "train_clean.txt")) == 2
+    # the cap is configurable: 40x36 images are over a cap of 1000 pixels
+    assert scan.check_image(str(root / "train/a/x2.JPEG"), max_pixels=1000)["issues"] == ["too_large"]
+    assert scan.check_image(str(root / "train/a/x2.JPEG"))["issues"] == []
+
+    shards = tmp_path / "shards"
+    assert make_shards.main([str(lst), "--out", str(shards), "--workers", "1", "--no-progress"]) == 0
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["num_samples"] == 2 and {d["path"] for d in manifest["dropped"]} == {"train/a/x0.JPEG",
+                                                                                         "train/b/x1.JPEG"}
+    assert not [n for n in os.listdir(shards) if "tmp" in n]
+
+
+# -- 8. FIFOs, devices, folders named like images --------------------------------------------------
+
+def test_only_regular_files_are_images_no_hang(tmp_path):
+    lst = _dataset(tmp_path)
+    root = lst.parent
+    os.mkfifo(root / "train/a/fifo.JPEG")
+    (root / "train/b/zero.JPEG").symlink_to("/dev/zero")
+    (root / "train/b/dir.JPEG").mkdir()
+    lst.write_text(lst.read_text() + "train/a/fifo.JPEG\t0\ntrain/b/zero.JPEG\t1\ntrain/b/dir.JPEG\t1\n")
+    # a subprocess with a timeout: a regression hangs (FIFO) or eats all memory (/dev/zero) there, not here
+    p = run_py([REPO / "data/scan.py", lst, "--out", tmp_path / "scan", "--workers", "1", "--no-progress"],
+               cwd=tmp_path, timeout=120)
+    report = json.loads((tmp_path / "scan/train_scan.json").read_text())
+    assert {q["path"]: (q["issues"], q["detail"]) for q in report["problems"]} == {
+        "train/a/fifo.JPEG": (["not_a_file"], "not a regular file (a FIFO)"),
+        "train/b/zero.JPEG": (["not_a_file"], "not a regular file (a character device)"),
+        "train/b/dir.JPEG": (["not_a_file"], "not a regular file (a directory)")}, p.stdout
+    run_py([REPO / "data/make_shards.py", lst, "--out", tmp_path / "shards", "--workers", "1", "--no-progress"],
+           cwd=tmp_path, timeout=120)
+    manifest = json.loads((tmp_path / "shards/manifest.json").read_text())
+    assert manifest["num_samples"] == 4 and len(manifest["dropped"]) == 3
+    # --no-check still reads only regular files, with the size cap
+    run_py([REPO / "data/make_shards.py", lst, "--out", tmp_path / "shards2", "--workers", "1", "--no-progress",
+            "--no-check"], cwd=tmp_path, timeout=120)
+    assert json.loads((tmp_path / "shards2/manifest.json").read_text())["num_dropped"] == 3
+    big = root / "train/a/x2.JPEG"
+    assert scan.check_image(str(big), max_bytes=100)["issues"] == ["too_large"]
+
+
+# -- 9. one error line, nothing half-written -------------------------------------------------------
+
+def test_out_that_is_a_file_or_a_dangling_link_is_one_error_line(tmp_path, capsys):
+    lst = _dataset(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for out in (afile, dangling):
+        for tool, argv in ((scan, [str(lst), "--out", str(out), "--no-progress"]),
+                           (make_filelist, [str(lst.parent), "--out", str(out)]),
+                           (make_shards, [str(lst), "--out", str(out), "--no-progress"])):
+            assert tool.main(argv) == 2, (tool, out)
+            err = _one_error(capsys.readouterr().err)
+            assert str(out) in err and ("is a file, not a folder" in err or "dangling symlink" in err), err
+    assert afile.read_text() == "mine" and not (tmp_path / "nowhere").exists()
+    # --out = the list itself: the refusal names it
+    assert scan.main([str(lst), "--out", str(lst), "--no-progress"]) == 2
+    assert _one_error(capsys.readouterr().err).startswith(f"error: refusing to write into {lst}: it is the file list")
+
+
+def test_undecodable_names_and_bad_label_files_are_one_error_line(tmp_path, capsys):
+    root = tmp_path / "ds"
+    _jpeg(root / "train/a/ok.JPEG")
+    bad = os.path.join(os.fsencode(root / "train/a"), b"bad\xff.JPEG")
+    with open(bad, "wb") as f:
+        f.write((root / "train/a/ok.JPEG").read_bytes())
+    assert make_filelist.main([str(root)]) == 2
+    err = _one_error(capsys.readouterr().err)
+    assert "bad\\xff.JPEG" in err and "not valid UTF-8" in err and "rename" in err
+    assert not (root / "train.txt").exists() and not [n for n in os.listdir(root) if "tmp" in n]
+    os.remove(bad)
+
+    _jpeg(root / "val/v1.JPEG")
+    labels = tmp_path / "labels.txt"
+    for setup, words in ((lambda: None, "missing"),
+                         (lambda: labels.mkdir(), "a folder"),
+                         (lambda: (labels.rmdir(), labels.write_bytes("v1.JPEG caf\xe9\n".encode("latin-1"))),
+                          "not UTF-8")):
+        setup()
+        assert make_filelist.main([str(root), "--val-labels", str(labels)]) == 2
+        err = _one_error(capsys.readouterr().err)
+        assert str(labels) in err and words in err, err
+
+
+def test_absurd_class_index_is_refused_before_anything_is_written(tmp_path, capsys):
+    lst = _dataset(tmp_path)
+    lines = lst.read_text().splitlines()
+    lines[2] = lines[2].split("\t")[0] + "\t99999999999999999999"
+    lst.write_text("\n".join(lines) + "\n")
+    assert scan.main([str(lst), "--out", str(tmp_path / "scan"), "--no-progress"]) == 2
+    assert _one_error(capsys.readouterr().err) == (
+        f"error: {lst}:3: class index 99999999999999999999 is absurd (over 2147483647): class indices are "
+        f"0..num_classes-1; fix the line or remake the list")
+    out = tmp_path / "shards"
+    assert make_shards.main([str(lst), "--out", str(out), "--no-progress"]) == 2
+    assert "class index 99999999999999999999 is absurd" in _one_error(capsys.readouterr().err)
+    assert not out.exists()
+
+
+# -- 10. a killed run's temporaries ----------------------------------------------------------------
+
+def test_rerun_removes_its_own_killed_temps_only(tmp_path):
+    lst = _dataset(tmp_path)
+    out = tmp_path / "shards"
+    assert make_shards.main([str(lst), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    done = _tree(out)
+    # what a SIGKILL leaves (temps of markers, shards, manifest; old and new names), and a user's files
+    own = [out / "progress/.shard-000000.json.k2j4h5g6.tmp", out / ".shard-000000.tar.a1b2c3d4.tmp",
+           out / ".manifest.json.zz99xx77.tmp", out / "progress/shard-000000.json.tmp4242",
+           out / "shard-000000.idx.tmp17"]
+    theirs = [out / "notes.tmp", out / "progress/mine.json.tmp", out / ".shard-000000.tar.TOOLONGNAME.tmp"]
+    for p in own + theirs:
+        p.write_text("x")
+    assert make_shards.main([str(lst), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    assert not any(p.exists() for p in own)
+    assert all(p.read_text() == "x" for p in theirs)
+    after = _tree(out)
+    for p in theirs:
+        del after[str(p.relative_to(out))]
+    assert after == done  # and the shards are byte-identical
