@@ -7,18 +7,32 @@ training run. This scan finds them first (in parallel, with a progress bar):
   issue           what                                   clean list
   truncated       JPEG/PNG data ends early               dropped
   undecodable     empty, not an image, decoder error     dropped
+  not_a_file      FIFO, device, socket, folder           dropped (never opened for reading)
+  too_large       over --max-pixels (from the header:    dropped
+                  decompression bombs) or --max-bytes
   cmyk            CMYK (or YCCK) JPEG                    dropped; with --repair an RGB copy
   wrong_format    e.g. a PNG behind a .JPEG name         dropped; with --repair an RGB JPEG copy
+  unsupported     PIL opens it, DALI does not (32-bit    dropped; with --repair an RGB JPEG copy
+                  or float TIFF, bilevel TIFF, GIF...)
   grayscale       one-channel image                      kept (decoded to RGB); --repair converts
   tiny            shorter side < --min-size px           kept (reported)
+
+The rule is "DALI decodes it", not "PIL opens it" (mapet_ds.filelist.DALI_MODES). Only
+regular files are read, with a size cap.
 
 Writes into OUT: ``<list stem>_clean.txt`` (paths relative to OUT, classes.txt copied
 beside it), ``<list stem>_scan.json``, and with --repair the converted copies under
 ``OUT/repaired/<list path>``, where list paths that climb out (``../train/x.JPEG``,
-absolute ones) lose their leading ``..`` and ``/`` parts (``OUT/repaired/train/x.JPEG``):
-nothing is ever written outside OUT, and the scan refuses to write onto any of its
-inputs (the list, its images). Sample ids of the clean list are its own line indices:
-make token stores from the clean list.
+absolute ones) lose their leading ``..`` and ``/`` parts (``OUT/repaired/train/x.JPEG``).
+A copy is an RGB JPEG and its name says so: a name that does not end in .jpg/.jpeg gets
+``.jpg`` appended (``train/x.png`` -> ``OUT/repaired/train/x.png.jpg``), so the next step
+(make_shards, or a scan of the clean list) finds JPEG data behind a JPEG name. Nothing is
+ever written outside OUT (a symlink at OUT/repaired or deeper that leads out is refused),
+and the scan refuses to write onto any of its inputs (the list, its images). Sample ids of
+the clean list are its own line indices: make token stores from the clean list.
+
+``--shards DIR`` checks the images of a shard set (data/make_shards.py) instead and lists
+the broken samples by shard and key (exit code 1 if there are any).
 
     python data/scan.py /data/imagenet/train.txt --out /data/imagenet_clean --repair
 """
@@ -32,6 +46,7 @@ import json
 import os
 import stat
 import sys
+import tarfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -41,7 +56,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mapet_ds.filelist import FileListError, read_filelist, write_filelist  # noqa: E402
+from mapet_ds.filelist import FileListError, dali_takes, read_filelist, write_filelist  # noqa: E402
 from mapet_ds.safe_io import (  # noqa: E402
     InputGuard,
     UnsafeWriteError,
@@ -68,17 +83,6 @@ DEFAULT_MAX_BYTES = 256 * 2**20
 _EXPECTED = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP",
              ".tif": "TIFF", ".tiff": "TIFF"}
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
-# The rule is "DALI decodes it", not "PIL opens it": the (format, PIL mode) pairs DALI's decoders
-# take (measured with DALI 2.4's CPU decoder, tests/test_data_hostile.py checks every pair that
-# PIL writes). Anything else PIL opens (32-bit integer or float TIFF, bilevel or YCbCr TIFF, ...)
-# is "unsupported": repaired to an RGB JPEG, or dropped.
-DALI_MODES = {
-    "JPEG": {"L", "RGB", "CMYK"},
-    "PNG": {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "I;16B"},
-    "BMP": {"1", "L", "P", "RGB", "RGBA"},
-    "WEBP": {"L", "LA", "RGB", "RGBA"},
-    "TIFF": {"L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"},
-}
 # Formats PIL may identify: what DALI reads plus the few a mislabelled file tends to be. Never
 # PIL's full plugin list: EPS would run Ghostscript on a hostile file.
 _PIL_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF", "PPM")
@@ -176,7 +180,7 @@ def check_bytes(data: bytes, name: str, min_size: int = 32, max_pixels: int = DE
     if expected and info["format"] != expected:
         info["issues"].append("wrong_format")
         info["detail"] = f"{info['format']} data behind a {os.path.splitext(name)[1]} name"
-    elif info["mode"] not in DALI_MODES.get(info["format"], ()) and info["mode"] != "CMYK":
+    elif not dali_takes(info["format"], info["mode"]) and info["mode"] != "CMYK":
         info["issues"].append("unsupported")
         info["detail"] = f"{info['format']} in PIL mode {info['mode']}, which DALI's decoders do not take"
     if info["mode"] == "CMYK":
@@ -334,10 +338,40 @@ def scan_filelist(filelist: str | os.PathLike, out_dir: str | os.PathLike, *, ro
     return report
 
 
+def scan_shards(shards: str | os.PathLike, *, min_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
+                progress: bool = True) -> tuple[int, list[dict]]:
+    """The scan's check over every image of a shard set (data/make_shards.py).
+    -> (number of samples, problems: [{"tar", "member", "sample_id", "issues", "detail"}]) where
+    an issue is one that drops or converts an image (training would stop on it)."""
+    from mapet_ds.pipelines.shardset import IMAGE_EXTS, open_shards
+
+    ss = open_shards(shards)
+    problems, n = [], 0
+    for tar_path in tqdm(ss.tars, desc=f"scan {ss.path.name}", unit="shard", disable=not progress):
+        try:
+            with tarfile.open(tar_path) as tar:
+                for m in tar:
+                    key, _, ext = m.name.partition(".")
+                    if not m.isfile() or ext not in IMAGE_EXTS:
+                        continue
+                    n += 1
+                    info = check_bytes(tar.extractfile(m).read(), m.name, min_size, max_pixels)
+                    bad = [i for i in info["issues"] if i in DROP or i in CONVERT]
+                    if bad:
+                        problems.append({"tar": tar_path, "member": m.name, "issues": bad, "detail": info["detail"],
+                                         "sample_id": int(key) if key.isdigit() else None})
+        except (OSError, tarfile.TarError) as e:
+            raise FileListError(f"shard {tar_path} cannot be read ({e}): make the shards again with "
+                                f"data/make_shards.py") from None
+    return n, problems
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("filelist", help="file list to check (mapet_ds format)")
-    ap.add_argument("--out", required=True, help="folder for the clean list, report and repaired copies")
+    ap.add_argument("filelist", nargs="?", help="file list to check (mapet_ds format)")
+    ap.add_argument("--out", help="folder for the clean list, report and repaired copies")
+    ap.add_argument("--shards", default=None, help="check the images of a shard set (data/make_shards.py) instead: "
+                                                   "lists the broken samples, exit code 1 if there are any")
     ap.add_argument("--root", default=None, help="image root (default: the list's folder)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     ap.add_argument("--min-size", type=int, default=32, help="report images whose shorter side is below this")
@@ -348,6 +382,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repair", action="store_true", help="write RGB JPEG copies of convertible files")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.shards is not None:
+        from mapet_ds.pipelines.shardset import ShardSetError
+
+        if args.filelist or args.out or args.repair:
+            ap.error("--shards DIR checks a shard set: pass no file list, --out or --repair with it")
+        try:
+            n, problems = scan_shards(args.shards, min_size=args.min_size, max_pixels=args.max_pixels,
+                                      progress=not args.no_progress)
+        except (FileListError, ShardSetError) as e:
+            print_error(e)
+            return 2
+        for p in problems:
+            sid = f", sample id {p['sample_id']}" if p["sample_id"] is not None else ""
+            print(f"{p['tar']}: {p['member']}{sid}: {', '.join(p['issues'])}: {p['detail']}")
+        print(f"{n} samples in {args.shards}: {len(problems)} broken"
+              + (" (make the shards again from a scanned list, without --no-check)" if problems else ""))
+        return 1 if problems else 0
+    if not args.filelist or not args.out:
+        ap.error("a file list and --out are required (or --shards DIR)")
     try:
         report = scan_filelist(args.filelist, args.out, root=args.root, workers=args.workers,
                                min_size=args.min_size, repair=args.repair, progress=not args.no_progress,

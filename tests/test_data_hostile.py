@@ -327,3 +327,152 @@ def test_rerun_removes_its_own_killed_temps_only(tmp_path):
     for p in theirs:
         del after[str(p.relative_to(out))]
     assert after == done  # and the shards are byte-identical
+
+
+# -- 5. the README flow keeps repaired images ------------------------------------------------------
+
+def _int32_tiff(path: Path, size=(40, 36)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.arange(size[0] * size[1], dtype=np.int32).reshape(size[1], size[0]) * 1000
+    Image.fromarray(arr, mode="I").save(path, format="TIFF")
+    return path
+
+
+def test_readme_flow_scan_repair_tokens_shards_drops_nothing(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from mapet_ds.tokenizers.store import assign_tokens
+
+    root = tmp_path / "ds"
+    for i in range(4):
+        _jpeg(root / f"train/a/ok{i}.JPEG", colour=(50 * i, 60, 70))
+    _jpeg(root / "train/a/gray.png", mode="L", fmt="PNG")          # grayscale: --repair converts
+    _jpeg(root / "train/b/cmyk.JPEG", mode="CMYK")                  # CMYK JPEG: repaired under its own name
+    _jpeg(root / "train/b/png_data.JPEG", fmt="PNG")               # PNG behind a .JPEG name
+    _jpeg(root / "train/b/jpeg_data.png")                          # JPEG behind a .png name
+    _int32_tiff(root / "train/b/int32.tif")                          # PIL opens it, DALI does not
+    make_filelist.make_filelists(root)
+    out = tmp_path / "clean"
+    assert scan.main([str(root / "train.txt"), "--out", str(out), "--repair", "--workers", "1", "--no-progress"]) == 0
+    clean = read_filelist(out / "train_clean.txt")
+    assert len(clean) == 9
+    repaired = sorted(p for p in clean.paths if p.startswith("repaired/"))
+    assert repaired == ["repaired/train/a/gray.png.jpg", "repaired/train/b/cmyk.JPEG",
+                        "repaired/train/b/int32.tif.jpg", "repaired/train/b/jpeg_data.png.jpg",
+                        "repaired/train/b/png_data.JPEG"]
+    # scanning the clean list again finds nothing to drop
+    again = scan.scan_filelist(out / "train_clean.txt", tmp_path / "again", workers=1, progress=False)
+    assert again["actions"]["dropped"] == 0 and again["num_clean"] == 9
+    store = assign_tokens(clean, _FakeTokenizer(), tmp_path / "tokens", batch_size=4, num_threads=1, progress=False)
+    assert store.complete
+    shards = tmp_path / "shards"
+    assert make_shards.main([str(out / "train_clean.txt"), "--token-store", str(tmp_path / "tokens"), "--out",
+                             str(shards), "--workers", "1", "--no-progress"]) == 0
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["num_dropped"] == 0 and manifest["num_samples"] == 9
+
+
+# -- 6. the scan's rule is "DALI decodes it" --------------------------------------------------------
+
+def test_32bit_and_float_tiffs_are_unsupported_not_grayscale_kept(tmp_path):
+    lst = _dataset(tmp_path)
+    root = lst.parent
+    _int32_tiff(root / "train/a/int32.tif")
+    Image.fromarray(np.linspace(0, 1, 40 * 36, dtype=np.float32).reshape(36, 40), mode="F").save(
+        root / "train/b/float.tif", format="TIFF")
+    Image.new("1", (40, 36), 1).save(root / "train/b/bilevel.tif", format="TIFF")
+    make_filelist.make_filelists(root)
+    report = scan.scan_filelist(root / "train.txt", tmp_path / "scan", workers=1, progress=False)
+    got = {p["path"]: (p["issues"], p["action"]) for p in report["problems"]}
+    assert got == {"train/a/int32.tif": (["unsupported", "grayscale"], "dropped"),
+                   "train/b/float.tif": (["unsupported", "grayscale"], "dropped"),
+                   "train/b/bilevel.tif": (["unsupported", "grayscale"], "dropped")}
+    assert "TIFF in PIL mode I," in next(p["detail"] for p in report["problems"] if p["path"].endswith("int32.tif"))
+    shards = tmp_path / "shards"
+    assert make_shards.main([str(root / "train.txt"), "--out", str(shards), "--workers", "1", "--no-progress"]) == 0
+    assert json.loads((shards / "manifest.json").read_text())["num_dropped"] == 3
+
+
+# -- 11, 12. a DALI failure names the sample it failed on ------------------------------------------
+
+def _list_with(tmp_path: Path, bad: dict[int, Path], n: int = 30) -> Path:
+    """n lines of good JPEGs, with the files of ``bad`` (1-based line -> file) in between."""
+    lines = []
+    for line in range(1, n + 1):
+        if line in bad:
+            lines.append(f"{bad[line].name}\t0")
+        else:
+            _jpeg(tmp_path / f"ok{line}.jpg", colour=(line * 8, 100, 50))
+            lines.append(f"ok{line}.jpg\t0")
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(lines) + "\n")
+    return lst
+
+
+def test_dali_failure_names_the_first_file_dali_cannot_decode(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from mapet_ds.pipelines import PipelineRunError, eval_loader
+
+    int32 = _int32_tiff(tmp_path / "int32.tif")
+    text = tmp_path / "text.JPEG"
+    text.write_text("not an image\n" * 20)
+    for bad, where in (({17: int32, 26: text}, "17: int32.tif"), ({17: int32}, "17: int32.tif")):
+        lst = _list_with(tmp_path, bad)
+        with pytest.raises(PipelineRunError) as e:
+            for _ in eval_loader(lst, img_size=16, batch_size=8, shard_id=0, num_shards=1, device="cpu"):
+                pass
+        msg = str(e.value)
+        assert f"; {lst}:{where}: DALI cannot decode it (TIFF in PIL mode I" in msg, msg
+        assert "text.JPEG" not in msg and msg.endswith(f"(run data/scan.py {lst} --out <dir> to drop or repair "
+                                                       f"broken files, then use its clean list)")
+
+
+def test_shard_loader_failure_names_shard_and_sample_and_a_hint_that_works(tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    from mapet_ds.pipelines import PipelineRunError
+    from mapet_ds.pipelines.shards import eval_shard_loader
+
+    lst = _list_with(tmp_path, {5: _int32_tiff(tmp_path / "int32.tif")}, n=12)
+    shards = tmp_path / "shards"
+    assert make_shards.main([str(lst), "--out", str(shards), "--no-check", "--workers", "1", "--no-progress"]) == 0
+    with pytest.raises(PipelineRunError) as e:
+        for _ in eval_shard_loader(shards, img_size=16, batch_size=4, shard_id=0, num_shards=1, device="cpu"):
+            pass
+    msg = str(e.value)
+    assert f"; {shards / 'shard-000000.tar'}: sample 000000004 (000000004.tif, sample id 4): DALI cannot decode it " \
+           f"(TIFF in PIL mode I" in msg, msg
+    assert msg.endswith(f"(run data/scan.py --shards {shards} to list its broken samples, then make the shards again "
+                        f"with data/make_shards.py (its image check on, i.e. without --no-check))")
+    capsys.readouterr()
+    assert scan.main(["--shards", str(shards), "--no-progress"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{shards / 'shard-000000.tar'}: 000000004.tif, sample id 4: unsupported: "
+                             f"TIFF in PIL mode I")
+    assert out[-1].startswith(f"12 samples in {shards}: 1 broken")
+
+
+# -- 13. small things --------------------------------------------------------------------------------
+
+def test_bom_fit_out_folder_and_error_lines_after_progress_bars(tmp_path, capsys):
+    from tqdm import tqdm
+
+    from mapet_ds.safe_io import print_error
+
+    lst = _dataset(tmp_path)
+    lst.write_bytes(b"\xef\xbb\xbf" + lst.read_bytes())  # a UTF-8 byte-order mark
+    fl = read_filelist(lst)
+    assert fl.paths[0] == "train/a/x0.JPEG"
+    fl.check_exists()
+
+    (tmp_path / "cbdir").mkdir()
+    p = run_py([REPO / "launch/tokens.py", "fit", "--filelist", lst, "--out", tmp_path / "cbdir", "--k", "2"],
+               cwd=tmp_path, check=False)
+    assert p.returncode == 2 and _one_error(p.stderr) == (
+        f"error: --out {tmp_path / 'cbdir'} is a folder: --out names the codebook file to write, e.g. "
+        f"{tmp_path / 'cbdir' / 'codebook.pt'}")
+    assert os.listdir(tmp_path / "cbdir") == []
+
+    bar = tqdm(total=10, desc="scan", file=sys.stderr)
+    bar.update(3)  # a failure in the middle of a loop: the bar is still open
+    print_error("something broke")
+    err = capsys.readouterr().err
+    assert "\nerror: something broke\n" in err and "\rerror" not in err

@@ -1,0 +1,187 @@
+"""Which sample broke a DALI pipeline: DALI's decoder errors name no file (``nvImageCodec
+failure: '#4'``), so after a failure the loaders ask DALI itself, file by file, in the order
+the reader reads them, and name the first file (list line) or shard sample it cannot decode.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import stat
+import time
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from mapet_ds.filelist import FileList, dali_takes
+
+
+def _dali_cause(err: BaseException) -> str:
+    """The line of a DALI error that says what went wrong (its message is a graph traceback)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    decode = next((ln for ln in lines if "failed to decode" in ln.lower()), None)
+    after = [lines[i + 1] for i, ln in enumerate(lines[:-1]) if ln == "encountered:"]
+    return decode or (after or lines or [""])[0]
+
+
+class DaliProbe:
+    """Decode one encoded image at a time with DALI's CPU decoder: does DALI take this file?
+
+    The pipelines' errors do not say which sample of a batch failed (and PIL opens files DALI
+    refuses, e.g. 32-bit TIFFs), so the locator asks DALI itself, file by file. One small
+    pipeline is reused while decodes succeed (~4 ms a file) and rebuilt after a failure.
+    """
+
+    def __init__(self) -> None:
+        self._pipe = None
+        self._data = np.zeros(1, np.uint8)
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
+                      exec_pipelined=False)
+        def probe():
+            enc = fn.external_source(source=lambda: [self._data], batch=True, dtype=types.UINT8)
+            return fn.decoders.image(enc, device="cpu", output_type=types.RGB)
+
+        pipe = probe()
+        pipe.build()
+        return pipe
+
+    def error(self, data: bytes) -> str | None:
+        """None when DALI decodes ``data`` to RGB, else DALI's reason (one line)."""
+        if not data:
+            return "empty"
+        self._data = np.frombuffer(data, dtype=np.uint8)
+        if self._pipe is None:
+            self._pipe = self._build()
+        try:
+            self._pipe.run()
+            return None
+        except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses of several kinds
+            self._pipe = None
+            return _dali_cause(e) or type(e).__name__
+
+
+def _read_capped(path: str, max_bytes: int = 256 * 2**20) -> bytes | str:
+    """A regular file's bytes, else why not (a FIFO must not block the diagnosis)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        if st.st_size == 0:
+            return "empty file"
+        if st.st_size > max_bytes:
+            return f"{st.st_size} bytes, too large to check"
+        with open(path, "rb") as f:
+            return f.read(max_bytes)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+
+
+def describe_undecodable(data: bytes, dali_error: str) -> str:
+    """Why DALI refused ``data``, in PIL's words when PIL knows it (format and mode)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, mode = img.format, img.mode
+    except Exception:  # noqa: BLE001 - PIL cannot even identify it
+        return "not an image"
+    return f"DALI cannot decode it ({fmt} in PIL mode {mode}: {dali_error})"
+
+
+def find_broken(fl: FileList, sample_ids: Iterable[int], *, decode: bool = True,
+                budget_s: float = 30.0) -> str | None:
+    """``<list>:<line>: <path>: <what is wrong>`` for the first of ``sample_ids`` (in the order
+    given) that is not a regular file, is empty or unreadable, or (with ``decode``) that DALI's
+    CPU decoder fails on; else None, also when ``budget_s`` runs out.
+
+    Runs only after a pipeline has failed: DALI's decoder errors do not say which sample.
+    ``decode=False`` reads headers only (PIL: an image in a format and mode DALI takes), for
+    long candidate lists.
+    """
+    from PIL import Image
+
+    probe = DaliProbe() if decode else None
+    t0 = time.monotonic()
+    for i in sample_ids:
+        path = fl.abspath(int(i))
+        if decode:
+            data = _read_capped(path)
+            if isinstance(data, str):
+                return f"{fl.where(int(i))}: {data}"
+            err = probe.error(data)
+            if err is not None:
+                return f"{fl.where(int(i))}: {describe_undecodable(data, err)}"
+        else:
+            try:
+                if not stat.S_ISREG(os.stat(path).st_mode):
+                    return f"{fl.where(int(i))}: not a regular file"
+                if os.path.getsize(path) == 0:
+                    return f"{fl.where(int(i))}: empty file"
+                with Image.open(path) as img:
+                    fmt, mode = img.format, img.mode
+            except Exception as e:  # noqa: BLE001 - any failure here is the answer we are looking for
+                what = "not an image" if type(e).__name__ == "UnidentifiedImageError" else f"cannot be read ({e})"
+                return f"{fl.where(int(i))}: {what}"
+            if not dali_takes(fmt, mode):
+                return f"{fl.where(int(i))}: DALI cannot decode it ({fmt} in PIL mode {mode})"
+        if time.monotonic() - t0 > budget_s:
+            return None
+    return None
+
+
+def locate_failure(fl: FileList, cause: str, candidates: Sequence[int] | None) -> str | None:
+    """Name the list line behind a pipeline failure ``cause`` (DALI's message).
+
+    The reader names the file it cannot map; for decoder failures the ``candidates`` (sample
+    ids possibly in flight, in the order the reader reads them) are decoded one by one with
+    DALI's CPU decoder and the first that fails is named; without candidates, or when none
+    fails, the whole list's headers are checked.
+    """
+    m = re.search(r"File mapping failed: (.+)$", cause)
+    if m:
+        rel = os.path.normpath(os.path.relpath(m.group(1).strip(), fl.root))
+        index = {os.path.normpath(p): i for i, p in enumerate(fl.paths)}
+        if rel in index:
+            return find_broken(fl, [index[rel]]) or f"{fl.where(index[rel])}: cannot be read"
+    found = find_broken(fl, candidates) if candidates is not None else None
+    return found or find_broken(fl, range(len(fl)), decode=False)
+
+
+def shards_hint(path) -> str:
+    """How to find the broken samples of a shard set (appended to shard-loader errors)."""
+    return (f"run data/scan.py --shards {path} to list its broken samples, then make the shards again with "
+            f"data/make_shards.py (its image check on, i.e. without --no-check)")
+
+
+def locate_in_tars(tars: Sequence[str], budget_s: float = 60.0) -> str | None:
+    """``<tar>: sample <key> (<member>, sample id N): <what>`` for the first image member of
+    ``tars`` (in order) that DALI's CPU decoder fails on, else None (also when ``budget_s``
+    runs out)."""
+    import tarfile
+
+    from mapet_ds.pipelines.shardset import IMAGE_EXTS
+
+    probe = DaliProbe()
+    t0 = time.monotonic()
+    for tar_path in tars:
+        try:
+            with tarfile.open(tar_path) as tar:
+                for m in tar:
+                    key, _, ext = m.name.partition(".")
+                    if not m.isfile() or ext not in IMAGE_EXTS:
+                        continue
+                    data = tar.extractfile(m).read()
+                    err = probe.error(data)
+                    if err is not None:
+                        sid = f", sample id {int(key)}" if key.isdigit() else ""
+                        return f"{tar_path}: sample {key} ({m.name}{sid}): {describe_undecodable(data, err)}"
+                    if time.monotonic() - t0 > budget_s:
+                        return None
+        except (OSError, tarfile.TarError) as e:
+            return f"{tar_path}: cannot be read ({e})"
+    return None
