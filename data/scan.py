@@ -56,7 +56,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mapet_ds.filelist import FileListError, dali_takes, read_filelist, write_filelist  # noqa: E402
+from mapet_ds.filelist import FileListError, read_filelist, write_filelist  # noqa: E402
+from mapet_ds.images import DaliProbe, dali_takes  # noqa: E402
 from mapet_ds.safe_io import (  # noqa: E402
     InputGuard,
     UnsafeWriteError,
@@ -143,9 +144,30 @@ def _pixel_cap(max_pixels: int):
         Image.MAX_IMAGE_PIXELS = old
 
 
-def check_bytes(data: bytes, name: str, min_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+_PROBE = None  # this process's DaliProbe (False: DALI is not installed)
+
+
+def _dali_error(data: bytes) -> str | None:
+    """DALI's CPU decoder on ``data``: None when it decodes (or DALI is not installed), else why not."""
+    global _PROBE
+    if _PROBE is None:
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            _PROBE = False
+        else:
+            _PROBE = DaliProbe()
+    return _PROBE.error(data) if _PROBE else None
+
+
+def check_bytes(data: bytes, name: str, min_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
+                dali: bool = True) -> dict:
     """Inspect one image's bytes (``name`` only for its extension).
-    -> {"issues": [...], "format", "mode", "size", "detail"}; never raises on bad data."""
+    -> {"issues": [...], "format", "mode", "size", "detail"}; never raises on bad data.
+
+    After PIL's decode and the format/mode rule, an image that would be kept is decoded once
+    more by DALI's own CPU decoder (``dali``, when DALI is installed; ~4 ms for an ImageNet
+    JPEG): the rule is "DALI decodes it", and some damage only DALI's decoders notice."""
     info: dict = {"issues": [], "format": None, "mode": None, "size": None, "detail": ""}
     if not data:
         info["issues"].append("undecodable")
@@ -185,6 +207,10 @@ def check_bytes(data: bytes, name: str, min_size: int = 32, max_pixels: int = DE
         info["detail"] = f"{info['format']} in PIL mode {info['mode']}, which DALI's decoders do not take"
     if info["mode"] == "CMYK":
         info["issues"].append("cmyk")
+    if dali and not info["issues"] and (err := _dali_error(data)) is not None:
+        # PIL decoded it, DALI does not (a PNG with a bad CRC, a damaged TIFF directory...)
+        info["issues"].append("unsupported")
+        info["detail"] = f"PIL decodes it, DALI does not ({err})"
     if info["mode"] in _GRAY_MODES:
         info["issues"].append("grayscale")
     if min(info["size"]) < min_size:

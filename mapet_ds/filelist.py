@@ -28,24 +28,6 @@ from typing import Iterable, Sequence
 MAX_CLASS_INDEX = 2**31 - 1
 
 
-# The rule is "DALI decodes it", not "PIL opens it": the (format, PIL mode) pairs DALI's decoders
-# take (measured with DALI 2.4's CPU decoder, tests/test_data_hostile.py checks every pair that
-# PIL writes). Anything else PIL opens (32-bit integer or float TIFF, bilevel or YCbCr TIFF, ...)
-# is "unsupported": repaired to an RGB JPEG, or dropped.
-DALI_MODES = {
-    "JPEG": {"L", "RGB", "CMYK"},
-    "PNG": {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "I;16B"},
-    "BMP": {"1", "L", "P", "RGB", "RGBA"},
-    "WEBP": {"L", "LA", "RGB", "RGBA"},
-    "TIFF": {"L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"},
-}
-
-
-def dali_takes(fmt: str | None, mode: str | None) -> bool:
-    """Does DALI decode an image that PIL opens as ``fmt`` (e.g. "TIFF") in ``mode`` (e.g. "I")?"""
-    return mode in DALI_MODES.get(fmt or "", ())
-
-
 class FileListError(ValueError):
     """A file list is missing, empty, malformed, or names files that do not exist."""
 

@@ -476,3 +476,68 @@ def test_bom_fit_out_folder_and_error_lines_after_progress_bars(tmp_path, capsys
     print_error("something broke")
     err = capsys.readouterr().err
     assert "\nerror: something broke\n" in err and "\rerror" not in err
+
+
+# -- fuzz: the scan's check against mutated images of every format PIL writes -----------------------
+
+_FUZZ_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif", "GIF": ".gif",
+                 "PPM": ".ppm", "TGA": ".tga", "ICO": ".ico", "JPEG2000": ".jp2", "PCX": ".pcx", "SGI": ".sgi"}
+_FUZZ_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I", "I;16", "F")
+
+
+def _encodings(rng) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of every (format, mode) PIL writes, from one small random image."""
+    base = Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8))
+    out = []
+    for fmt, ext in _FUZZ_FORMATS.items():
+        for mode in _FUZZ_MODES:
+            buf = io.BytesIO()
+            try:
+                img = Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 200), "I;16") if mode == "I;16" \
+                    else base.convert(mode)
+                img.save(buf, format=fmt)
+            except Exception:  # noqa: BLE001 - PIL cannot write this mode in this format
+                continue
+            out.append((f"{fmt.lower()}_{mode.replace(';', '')}{ext}", buf.getvalue()))
+    return out
+
+
+def _mutate(data: bytes, rng) -> bytes:
+    b = bytearray(data)
+    kind = rng.integers(4)
+    if kind == 0:  # flip a few bytes (headers are in the first 64)
+        for i in rng.integers(0, min(len(b), 64 if rng.random() < 0.5 else len(b)), size=rng.integers(1, 4)):
+            b[i] = int(rng.integers(256))
+    elif kind == 1:  # truncate
+        b = b[:int(rng.integers(1, len(b)))]
+    elif kind == 2:  # insert junk
+        i = int(rng.integers(len(b)))
+        b[i:i] = rng.integers(0, 256, size=int(rng.integers(1, 32)), dtype=np.uint8).tobytes()
+    else:  # overwrite a run with large values (sizes, counts, offsets)
+        i = int(rng.integers(min(len(b), 48)))
+        b[i:i + 4] = b"\xff\xff\x7f\xff"
+    return bytes(b)
+
+
+def test_fuzz_scan_check_never_raises_and_keeps_only_what_dali_decodes():
+    pytest.importorskip("nvidia.dali")
+    from mapet_ds.images import DaliProbe
+
+    rng = np.random.default_rng(21)
+    encodings = _encodings(rng)
+    assert {name.split("_")[0] for name, _ in encodings} >= {"jpeg", "png", "bmp", "webp", "tiff", "gif"}
+    # every encoding unmutated, then mutated copies: a few hundred files in all
+    cases = list(encodings) + [(name, _mutate(data, rng)) for _ in range(4) for name, data in encodings]
+    assert len(cases) >= 300
+    probe = DaliProbe()
+    kept, refused_by_dali = 0, []
+    for name, data in cases:
+        info = scan.check_bytes(data, name, min_size=1)  # must not raise, whatever the bytes
+        if any(i in scan.DROP or i in scan.CONVERT for i in info["issues"]):
+            continue
+        kept += 1
+        err = probe.error(data)
+        if err is not None:
+            refused_by_dali.append((name, info["format"], info["mode"], err))
+    assert refused_by_dali == []
+    assert kept >= 50  # the check keeps the good ones (not a check that drops everything)

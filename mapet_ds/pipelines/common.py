@@ -18,9 +18,8 @@ import torch
 from mapet_ds.filelist import FileList, FileListError, read_filelist, scan_hint, shard_indices
 
 # the failing-sample locator (re-exported: loaders call them as common.*)
+from mapet_ds.images import dali_cause
 from mapet_ds.pipelines.locate import (  # noqa: F401
-    DaliProbe,
-    _dali_cause,
     find_broken,
     locate_failure,
     locate_in_tars,
@@ -261,7 +260,7 @@ def run_pipeline(pipe, list_path, locate: Callable[[str], str | None] | None = N
     try:
         return pipe.run()
     except RuntimeError as e:
-        cause = _dali_cause(e)
+        cause = dali_cause(e)
         where = None
         if locate is not None:
             try:

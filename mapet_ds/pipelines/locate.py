@@ -12,57 +12,8 @@ import stat
 import time
 from typing import Iterable, Sequence
 
-import numpy as np
-
-from mapet_ds.filelist import FileList, dali_takes
-
-
-def _dali_cause(err: BaseException) -> str:
-    """The line of a DALI error that says what went wrong (its message is a graph traceback)."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    decode = next((ln for ln in lines if "failed to decode" in ln.lower()), None)
-    after = [lines[i + 1] for i, ln in enumerate(lines[:-1]) if ln == "encountered:"]
-    return decode or (after or lines or [""])[0]
-
-
-class DaliProbe:
-    """Decode one encoded image at a time with DALI's CPU decoder: does DALI take this file?
-
-    The pipelines' errors do not say which sample of a batch failed (and PIL opens files DALI
-    refuses, e.g. 32-bit TIFFs), so the locator asks DALI itself, file by file. One small
-    pipeline is reused while decodes succeed (~4 ms a file) and rebuilt after a failure.
-    """
-
-    def __init__(self) -> None:
-        self._pipe = None
-        self._data = np.zeros(1, np.uint8)
-
-    def _build(self):
-        from nvidia.dali import fn, pipeline_def, types
-
-        @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
-                      exec_pipelined=False)
-        def probe():
-            enc = fn.external_source(source=lambda: [self._data], batch=True, dtype=types.UINT8)
-            return fn.decoders.image(enc, device="cpu", output_type=types.RGB)
-
-        pipe = probe()
-        pipe.build()
-        return pipe
-
-    def error(self, data: bytes) -> str | None:
-        """None when DALI decodes ``data`` to RGB, else DALI's reason (one line)."""
-        if not data:
-            return "empty"
-        self._data = np.frombuffer(data, dtype=np.uint8)
-        if self._pipe is None:
-            self._pipe = self._build()
-        try:
-            self._pipe.run()
-            return None
-        except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses of several kinds
-            self._pipe = None
-            return _dali_cause(e) or type(e).__name__
+from mapet_ds.filelist import FileList
+from mapet_ds.images import DaliProbe, dali_takes
 
 
 def _read_capped(path: str, max_bytes: int = 256 * 2**20) -> bytes | str:
