@@ -57,7 +57,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mapet_ds.filelist import FileListError, read_filelist, write_filelist  # noqa: E402
-from mapet_ds.images import DaliProbe, dali_takes  # noqa: E402
+from mapet_ds.images import DaliProbe, dali_takes, probe_safe  # noqa: E402
 from mapet_ds.safe_io import (  # noqa: E402
     InputGuard,
     UnsafeWriteError,
@@ -144,20 +144,19 @@ def _pixel_cap(max_pixels: int):
         Image.MAX_IMAGE_PIXELS = old
 
 
-_PROBE = None  # this process's DaliProbe (False: DALI is not installed)
+_PROBE = None  # this process's DaliProbe
 
 
 def _dali_error(data: bytes) -> str | None:
-    """DALI's CPU decoder on ``data``: None when it decodes (or DALI is not installed), else why not."""
+    """DALI's CPU decoder on ``data``: None when it decodes (or no probe can run here), else why not."""
     global _PROBE
+    if not probe_safe():
+        # a worker forked from a process that already ran DALI (e.g. `tokens.py assign
+        # --shards-out`, whose loader just decoded these images) checks by the rules only
+        return None
     if _PROBE is None:
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError:
-            _PROBE = False
-        else:
-            _PROBE = DaliProbe()
-    return _PROBE.error(data) if _PROBE else None
+        _PROBE = DaliProbe()
+    return _PROBE.error(data)
 
 
 def check_bytes(data: bytes, name: str, min_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,

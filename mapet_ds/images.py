@@ -12,7 +12,34 @@ data/make_shards.py import it in every worker process, without torch.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
+
+# DALI is not fork-safe: a process forked from one that already loaded DALI (a worker pool of
+# make_shards run by `tokens.py assign --shards-out`, or inside a test session) can deadlock
+# on a lock copied in the held state. Such a child never builds a DaliProbe.
+_FORKED_WITH_DALI = False
+
+
+def _after_fork_in_child() -> None:
+    global _FORKED_WITH_DALI
+    _FORKED_WITH_DALI = _FORKED_WITH_DALI or "nvidia.dali.backend" in sys.modules
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def probe_safe() -> bool:
+    """May this process build a DaliProbe (DALI installed, and not inherited through a fork)?"""
+    if _FORKED_WITH_DALI:
+        return False
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 # The rule is "DALI decodes it", not "PIL opens it": the (format, PIL mode) pairs DALI's decoders
 # take (measured with DALI 2.4's CPU decoder, tests/test_data_hostile.py checks every pair that

@@ -26,7 +26,7 @@ def _read_capped(path: str, max_bytes: int = 256 * 2**20) -> bytes | str:
             return "empty file"
         if st.st_size > max_bytes:
             return f"{st.st_size} bytes, too large to check"
-        with open(path, "rb") as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # never blocks on a FIFO
             return f.read(max_bytes)
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
@@ -99,8 +99,31 @@ def locate_failure(fl: FileList, cause: str, candidates: Sequence[int] | None) -
         index = {os.path.normpath(p): i for i, p in enumerate(fl.paths)}
         if rel in index:
             return find_broken(fl, [index[rel]]) or f"{fl.where(index[rel])}: cannot be read"
-    found = find_broken(fl, candidates) if candidates is not None else None
+    found = None
+    if candidates is not None:
+        candidates = [int(i) for i in candidates]
+        # DALI's CPU decoder took them all (the GPU decoder may be stricter): PIL's full decode next
+        found = find_broken(fl, candidates) or _pil_broken(fl, candidates)
     return found or find_broken(fl, range(len(fl)), decode=False)
+
+
+def _pil_broken(fl: FileList, sample_ids: Sequence[int], budget_s: float = 30.0) -> str | None:
+    """The first of ``sample_ids`` that PIL cannot decode (truncated, corrupt), else None."""
+    from PIL import Image
+
+    t0 = time.monotonic()
+    for i in sample_ids:
+        data = _read_capped(fl.abspath(i))
+        if isinstance(data, str):
+            return f"{fl.where(i)}: {data}"
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+        except Exception as e:  # noqa: BLE001 - any failure here is the answer we are looking for
+            return f"{fl.where(i)}: cannot be decoded ({e})"
+        if time.monotonic() - t0 > budget_s:
+            return None
+    return None
 
 
 def shards_hint(path) -> str:
