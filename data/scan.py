@@ -17,8 +17,9 @@ training run. This scan finds them first (in parallel, with a progress bar):
   grayscale       one-channel image                      kept (decoded to RGB); --repair converts
   tiny            shorter side < --min-size px           kept (reported)
 
-The rule is "DALI decodes it", not "PIL opens it" (mapet_ds.filelist.DALI_MODES). Only
-regular files are read, with a size cap.
+The rule is "DALI decodes it", not "PIL opens it" (mapet_ds/images.py: the format and
+mode DALI takes, then a decode by DALI's own CPU decoder). Only regular files are read,
+with a size cap.
 
 Writes into OUT: ``<list stem>_clean.txt`` (paths relative to OUT, classes.txt copied
 beside it), ``<list stem>_scan.json``, and with --repair the converted copies under
@@ -40,24 +41,34 @@ the broken samples by shard and key (exit code 1 if there are any).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
-import stat
 import sys
 import tarfile
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mapet_ds.filelist import FileListError, read_filelist, write_filelist  # noqa: E402
-from mapet_ds.images import DaliProbe, dali_takes, probe_safe  # noqa: E402
+from mapet_ds.images import (  # noqa: E402,F401  (the per-image check: re-exported for make_shards and tests)
+    _PIL_FORMATS,
+    CONVERT,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DROP,
+    ISSUES,
+    WARN,
+    NotAnImage,
+    _pixel_cap,
+    check_bytes,
+    check_image,
+    read_image_bytes,
+)
 from mapet_ds.safe_io import (  # noqa: E402
     InputGuard,
     UnsafeWriteError,
@@ -70,162 +81,6 @@ from mapet_ds.safe_io import (  # noqa: E402
     print_error,
     sub_folder,
 )
-
-DROP = ("truncated", "undecodable", "not_a_file", "too_large")
-CONVERT = ("cmyk", "wrong_format", "unsupported")
-WARN = ("grayscale", "tiny")
-ISSUES = DROP + CONVERT + WARN
-
-# Defaults of the caps (--max-pixels, --max-bytes). A 100-megapixel image decodes to 300 MB of
-# RGB; camera photos (ImageNet-21k's largest) stay well below, decompression bombs do not.
-DEFAULT_MAX_PIXELS = 100_000_000
-DEFAULT_MAX_BYTES = 256 * 2**20
-
-_EXPECTED = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP",
-             ".tif": "TIFF", ".tiff": "TIFF"}
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
-# Formats PIL may identify: what DALI reads plus the few a mislabelled file tends to be. Never
-# PIL's full plugin list: EPS would run Ghostscript on a hostile file.
-_PIL_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF", "PPM")
-_KIND = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-         stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
-
-
-class NotAnImage(Exception):
-    """A listed path that cannot be read as an image file: ``issue`` (one of DROP) and a detail."""
-
-    def __init__(self, issue: str, detail: str):
-        super().__init__(detail)
-        self.issue, self.detail = issue, detail
-
-
-def read_image_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes``, else NotAnImage.
-
-    Only regular files are images: a FIFO would block a reader forever and ``/dev/zero``
-    never ends, so the type is checked (``stat``, following links) before the file is
-    opened, and again on the open descriptor (``O_NONBLOCK``: a FIFO swapped in meanwhile
-    does not block); the read stops one byte past the cap.
-    """
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise NotAnImage("undecodable", f"cannot read: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise NotAnImage("not_a_file", f"not a regular file ({_KIND.get(stat.S_IFMT(st.st_mode), 'special file')})")
-    if st.st_size > max_bytes:
-        raise NotAnImage("too_large", f"{st.st_size} bytes, over the cap of {max_bytes} (--max-bytes)")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise NotAnImage("undecodable", f"cannot read: {e.strerror or e}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise NotAnImage("not_a_file", "not a regular file (replaced while being checked)")
-        try:
-            data = f.read(max_bytes + 1)
-        except OSError as e:
-            raise NotAnImage("undecodable", f"cannot read: {e.strerror or e}") from None
-    if len(data) > max_bytes:
-        raise NotAnImage("too_large", f"over the cap of {max_bytes} bytes (--max-bytes)")
-    return data
-
-
-@contextlib.contextmanager
-def _pixel_cap(max_pixels: int):
-    """PIL's own bomb check at our cap (PIL raises at twice it, we refuse above it ourselves)."""
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max(1, int(max_pixels))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
-_PROBE = None  # this process's DaliProbe
-
-
-def _dali_error(data: bytes) -> str | None:
-    """DALI's CPU decoder on ``data``: None when it decodes (or no probe can run here), else why not."""
-    global _PROBE
-    if not probe_safe():
-        # a worker forked from a process that already ran DALI (e.g. `tokens.py assign
-        # --shards-out`, whose loader just decoded these images) checks by the rules only
-        return None
-    if _PROBE is None:
-        _PROBE = DaliProbe()
-    return _PROBE.error(data)
-
-
-def check_bytes(data: bytes, name: str, min_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
-                dali: bool = True) -> dict:
-    """Inspect one image's bytes (``name`` only for its extension).
-    -> {"issues": [...], "format", "mode", "size", "detail"}; never raises on bad data.
-
-    After PIL's decode and the format/mode rule, an image that would be kept is decoded once
-    more by DALI's own CPU decoder (``dali``, when DALI is installed; ~4 ms for an ImageNet
-    JPEG): the rule is "DALI decodes it", and some damage only DALI's decoders notice."""
-    info: dict = {"issues": [], "format": None, "mode": None, "size": None, "detail": ""}
-    if not data:
-        info["issues"].append("undecodable")
-        info["detail"] = "empty file"
-        return info
-    try:
-        with _pixel_cap(max_pixels), Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as img:
-            info.update(format=img.format, mode=img.mode, size=list(img.size))
-            w, h = img.size
-            if w * h > max_pixels:  # refused from the header, before anything is decoded
-                info["issues"].append("too_large")
-                info["detail"] = f"{w}x{h} = {w * h} pixels, over the cap of {max_pixels} (--max-pixels)"
-                return info
-            img.load()  # full decode: PIL raises on truncated data (LOAD_TRUNCATED_IMAGES is off)
-    except UnidentifiedImageError:  # its message names our in-memory buffer, not the file
-        info["issues"].append("undecodable")
-        info["detail"] = "not an image (unknown format)"
-        return info
-    except Image.DecompressionBombError as e:
-        info["issues"].append("too_large")
-        info["detail"] = f"{e} (--max-pixels)"
-        return info
-    except OSError as e:
-        info["issues"].append("truncated" if "truncated" in str(e).lower() or info["format"] else "undecodable")
-        info["detail"] = str(e)
-        return info
-    except Exception as e:  # noqa: BLE001 - hostile bytes make PIL raise anything (struct.error, ...)
-        info["issues"].append("undecodable")
-        info["detail"] = f"{type(e).__name__}: {e}"
-        return info
-    expected = _EXPECTED.get(os.path.splitext(name)[1].lower())
-    if expected and info["format"] != expected:
-        info["issues"].append("wrong_format")
-        info["detail"] = f"{info['format']} data behind a {os.path.splitext(name)[1]} name"
-    elif not dali_takes(info["format"], info["mode"]) and info["mode"] != "CMYK":
-        info["issues"].append("unsupported")
-        info["detail"] = f"{info['format']} in PIL mode {info['mode']}, which DALI's decoders do not take"
-    if info["mode"] == "CMYK":
-        info["issues"].append("cmyk")
-    if dali and not info["issues"] and (err := _dali_error(data)) is not None:
-        # PIL decoded it, DALI does not (a PNG with a bad CRC, a damaged TIFF directory...)
-        info["issues"].append("unsupported")
-        info["detail"] = f"PIL decodes it, DALI does not ({err})"
-    if info["mode"] in _GRAY_MODES:
-        info["issues"].append("grayscale")
-    if min(info["size"]) < min_size:
-        info["issues"].append("tiny")
-    return info
-
-
-def check_image(path: str, min_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
-                max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
-    """Inspect one file (a regular file, read with a size cap). -> check_bytes' dict."""
-    try:
-        data = read_image_bytes(path, max_bytes)
-    except NotAnImage as e:
-        return {"issues": [e.issue], "format": None, "mode": None, "size": None, "detail": e.detail}
-    return check_bytes(data, path, min_size, max_pixels)
-
 
 def repaired_name(rel: str) -> str:
     """Name of the RGB JPEG copy of ``rel``: the same name if it already says JPEG, else with
