@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mapet_ds.filelist import FileListError, write_filelist  # noqa: E402
-from mapet_ds.safe_io import InputGuard, UnsafeWriteError  # noqa: E402
+from mapet_ds.filelist import FileListError, _unreadable_as_filelist_error, write_filelist  # noqa: E402
+from mapet_ds.safe_io import InputGuard, UnsafeWriteError, out_folder, print_error  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -49,7 +49,11 @@ def _read_val_labels(path: Path, classes: list[str]) -> dict[str, int]:
     """file name or stem -> class index, from one of the accepted label-file formats."""
     index = {c: i for i, c in enumerate(classes)}
     out: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
+    if not path.is_file():
+        raise FileListError(f"--val-labels {path} is not a file ({'a folder' if path.is_dir() else 'missing'}): "
+                            f"pass the label file of the flat val/ folder")
+    with _unreadable_as_filelist_error(path, "--val-labels file", "save it as UTF-8"), \
+            open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line or line.startswith("#") or (lineno == 1 and line.lower().startswith("imageid,")):
@@ -88,6 +92,7 @@ def make_filelists(root: str | os.PathLike, out_dir: str | os.PathLike | None = 
 
     # The lists are the only files written; the label file is the one input they could hit.
     guard = InputGuard().add(val_labels, "the --val-labels file")
+    out_folder(out, guard)
     for name in ("train.txt", "val.txt", "classes.txt"):
         guard.check(out / name)
 
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = make_filelists(args.root, args.out, val_labels=args.val_labels)
     except (FileListError, UnsafeWriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     for split, path in written.items():
         n = sum(1 for _ in open(path, encoding="utf-8"))

@@ -16,8 +16,11 @@ Beside each ``shard-000123.tar`` its DALI index ``shard-000123.idx`` (DALI's own
 wds2idx); ``manifest.json`` lists shards, counts, classes and the tokenizer (spec,
 fingerprint, grid, vocab) that training checks against its recipe.
 
-Every image goes through data/scan.py's check first: truncated, undecodable, CMYK or
-wrongly named images never enter a shard (they are listed in the manifest).
+Every image goes through data/scan.py's check first: truncated, undecodable, CMYK,
+wrongly named, DALI-unsupported (32-bit/float TIFF, ...) or oversized (--max-pixels,
+--max-bytes) images and anything that is not a regular file never enter a shard (they
+are listed in the manifest). Even with --no-check only regular files under --max-bytes
+are read.
 
 Resumable: each finished shard is written under a temp name, renamed, then marked done
 in ``progress/``; rerunning the same command redoes only unfinished shards. Parallel
@@ -30,7 +33,6 @@ over ``--workers`` processes (one shard per task).
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import io
 import json
@@ -48,7 +50,15 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scan import CONVERT, DROP, check_image  # noqa: E402
+from scan import (  # noqa: E402
+    CONVERT,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DROP,
+    NotAnImage,
+    check_bytes,
+    read_image_bytes,
+)
 
 from mapet_ds.filelist import FileListError, read_filelist  # noqa: E402
 from mapet_ds.pipelines.shardset import (  # noqa: E402
@@ -57,6 +67,16 @@ from mapet_ds.pipelines.shardset import (  # noqa: E402
     MANIFEST_FORMAT,
     ShardSetError,
     shard_name,
+)
+from mapet_ds.safe_io import (  # noqa: E402
+    InputGuard,
+    UnsafeWriteError,
+    atomic_write_text,
+    out_folder,
+    print_error,
+    remove_own_temps,
+    sub_folder,
+    temp_file,
 )
 from mapet_ds.tokenizers.store import TokenStore, TokenStoreError, spec_fingerprint  # noqa: E402
 
@@ -84,9 +104,23 @@ def parse_size(text: str) -> int:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+# Names this command writes, and their temporaries (safe_io.temp_file) that a killed run leaves:
+# a rerun deletes those and nothing else. Earlier versions named them NAME.tmp<pid>.
+_SHARD_FILES = r"shard-\d{6}\.(?:tar|idx)"
+_TOP_FILES = rf"{_SHARD_FILES}|{re.escape(PLAN)}|{re.escape(MANIFEST)}"
+_MARKERS = r"shard-\d{6}\.json"
+
+
+def _remove_stale_temps(out: Path) -> None:
+    remove_own_temps(out, _TOP_FILES)
+    remove_own_temps(out / PROGRESS, _MARKERS)
+    for folder, names in ((out, _TOP_FILES), (out / PROGRESS, _MARKERS)):  # the old NAME.tmp<pid> names
+        for e in os.scandir(folder):
+            if re.fullmatch(rf"(?:{names})\.tmp\d+", e.name) and not e.is_dir(follow_symlinks=False):
+                os.unlink(e.path)
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -110,43 +144,45 @@ def write_shard(job: dict) -> dict:
     out = Path(job["out"])
     name = shard_name(job["index"])
     tar_path, idx_path = out / f"{name}.tar", out / f"{name}.idx"
-    tmp_tar = out / f"{name}.tar.tmp{os.getpid()}"
-    tmp_idx = out / f"{name}.idx.tmp{os.getpid()}"
     tokens = None
     if job["token_store"]:
         tokens = TokenStore.open(job["token_store"]).tokens  # memory-mapped: only this shard's rows are read
     dropped, count = [], 0
-    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for sid, rel, label in zip(job["ids"], job["paths"], job["labels"]):
-            path = os.path.join(job["root"], rel)
-            fmt = None
-            if job["check"]:
-                info = check_image(path, job["min_size"])
-                bad = [i for i in info["issues"] if i in DROP or i in CONVERT]
-                if bad:
-                    dropped.append({"sample_id": sid, "path": rel, "issues": bad, "detail": info["detail"]})
+    tmp_tar, tmp_idx = temp_file(tar_path), temp_file(idx_path)  # exclusive, random names: never a link
+    try:
+        with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for sid, rel, label in zip(job["ids"], job["paths"], job["labels"]):
+                fmt = None
+                try:  # a regular file under the size cap (a FIFO would hang the packer)
+                    data = read_image_bytes(os.path.join(job["root"], rel), job["max_bytes"])
+                except NotAnImage as e:
+                    dropped.append({"sample_id": sid, "path": rel, "issues": [e.issue], "detail": e.detail})
                     continue
-                fmt = info["format"]
-            try:
-                data = Path(path).read_bytes()
-            except OSError as e:
-                dropped.append({"sample_id": sid, "path": rel, "issues": ["undecodable"], "detail": str(e)})
-                continue
-            key = f"{sid:09d}"
-            _member(tar, f"{key}.{_image_ext(rel, fmt)}", data)
-            _member(tar, f"{key}.cls", np.int64(label).astype("<i8").tobytes())
-            _member(tar, f"{key}.id", np.int64(sid).astype("<i8").tobytes())
-            if tokens is not None:
-                _member(tar, f"{key}.tok", np.asarray(tokens[sid], dtype="<i2").tobytes())
-            count += 1
-    if count:
-        write_index(tmp_tar, tmp_idx)
-        os.replace(tmp_idx, idx_path)
-        size = tmp_tar.stat().st_size
-        os.replace(tmp_tar, tar_path)
-    else:  # every image of this shard was broken: no tar, the marker says so
-        tmp_tar.unlink()
+                if job["check"]:
+                    info = check_bytes(data, rel, job["min_size"], job["max_pixels"])
+                    bad = [i for i in info["issues"] if i in DROP or i in CONVERT]
+                    if bad:
+                        dropped.append({"sample_id": sid, "path": rel, "issues": bad, "detail": info["detail"]})
+                        continue
+                    fmt = info["format"]
+                key = f"{sid:09d}"
+                _member(tar, f"{key}.{_image_ext(rel, fmt)}", data)
+                _member(tar, f"{key}.cls", np.int64(label).astype("<i8").tobytes())
+                _member(tar, f"{key}.id", np.int64(sid).astype("<i8").tobytes())
+                if tokens is not None:
+                    _member(tar, f"{key}.tok", np.asarray(tokens[sid], dtype="<i2").tobytes())
+                count += 1
         size = 0
+        if count:
+            write_index(tmp_tar, tmp_idx)
+            os.replace(tmp_idx, idx_path)
+            size = tmp_tar.stat().st_size
+            os.replace(tmp_tar, tar_path)
+        # else every image of this shard was broken: no tar, the marker says so
+    finally:
+        for tmp in (tmp_tar, tmp_idx):
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
     record = {"index": job["index"], "tar": tar_path.name if count else None, "idx": idx_path.name if count else None,
               "count": count, "bytes": size, "dropped": dropped}
     _write_json(out / PROGRESS / f"{name}.json", record)
@@ -194,24 +230,32 @@ def _plan(fl, shard_size: int, token_bytes: int, seed: int) -> int:
 
 
 def make_shards(filelist, out, *, root=None, token_store=None, shard_size: int = 10**9, seed: int = 0,
-                workers: int | None = None, check: bool = True, min_size: int = 32, progress: bool = True) -> dict:
+                workers: int | None = None, check: bool = True, min_size: int = 32, progress: bool = True,
+                max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Pack ``filelist`` into shards under ``out``; returns the manifest (also written)."""
     fl = read_filelist(filelist, root)
     out = Path(out)
     store = None
     if token_store is not None:
         store = TokenStore.open(token_store, filelist=fl)  # same images, complete
-    if out.exists() and not out.is_dir():
-        raise ShardMakeError(f"--out {out} is a file, not a folder: choose an empty folder")
-    if out.exists() and any(out.iterdir()) and not (out / PLAN).is_file():
+    guard = InputGuard().add(fl.list_path, "the file list").add(fl.list_path.parent / "classes.txt",
+                                                                "the class names of the list")
+    guard.add(token_store, "the token store").add_files(fl.abspaths(), "an image of the list")
+    out_folder(out, guard, create=False)
+    if out.is_dir() and any(out.iterdir()) and not (out / PLAN).is_file():
         raise ShardMakeError(f"--out {out} is not empty and holds no {PLAN} of make_shards: choose an empty folder")
-    (out / PROGRESS).mkdir(parents=True, exist_ok=True)
+    out_folder(out, guard)
+    guard.check_folder(out, [PLAN, MANIFEST, PROGRESS])
+    sub_folder(out, PROGRESS)
 
     order = np.random.default_rng(seed).permutation(len(fl))
     token_bytes = 2 * store.grid * store.grid if store is not None else 0
     plan = {
         "format": MANIFEST_FORMAT, "filelist": str(Path(fl.list_path).resolve()), "digest": fl.digest(),
         "num_files": len(fl), "seed": seed, "shard_size": shard_size, "check": check, "min_size": min_size,
+        # the caps only when set (plans written before they existed stay resumable)
+        **({"max_pixels": max_pixels, "max_bytes": max_bytes}
+           if check and (max_pixels, max_bytes) != (DEFAULT_MAX_PIXELS, DEFAULT_MAX_BYTES) else {}),
         "tokenizer_fingerprint": spec_fingerprint(store.spec) if store is not None else None,
     }
     if (out / PLAN).is_file():
@@ -227,11 +271,12 @@ def make_shards(filelist, out, *, root=None, token_store=None, shard_size: int =
     sps = plan["samples_per_shard"]
     num = math.ceil(len(fl) / sps)
 
-    for stale in glob.glob(str(out / "*.tmp*")):  # a killed run's partial shard
-        os.remove(stale)
+    _remove_stale_temps(out)  # a killed run's partial shards and markers; nothing else
     records: dict[int, dict] = {}
     todo = []
     for k in range(num):
+        for ext in ("tar", "idx"):
+            guard.check(out / f"{shard_name(k)}.{ext}")
         marker = out / PROGRESS / f"{shard_name(k)}.json"
         if marker.is_file():
             rec = json.loads(marker.read_text(encoding="utf-8"))
@@ -242,20 +287,20 @@ def make_shards(filelist, out, *, root=None, token_store=None, shard_size: int =
         todo.append({"index": k, "out": str(out), "root": str(fl.root), "ids": ids,
                      "paths": [fl.paths[i] for i in ids], "labels": [fl.labels[i] for i in ids],
                      "token_store": os.path.abspath(token_store) if store is not None else None,
-                     "check": check, "min_size": min_size})
+                     "check": check, "min_size": min_size, "max_pixels": max_pixels, "max_bytes": max_bytes})
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    bar = tqdm(total=num, initial=num - len(todo), desc=f"shards {out.name}", unit="shard", disable=not progress)
-    if workers <= 1 or len(todo) <= 1:
-        for job in todo:
-            records[job["index"]] = write_shard(job)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(min(workers, len(todo))) as ex:
-            for fut in as_completed([ex.submit(write_shard, job) for job in todo]):
-                rec = fut.result()
-                records[rec["index"]] = rec
+    with tqdm(total=num, initial=num - len(todo), desc=f"shards {out.name}", unit="shard",
+              disable=not progress) as bar:
+        if workers <= 1 or len(todo) <= 1:
+            for job in todo:
+                records[job["index"]] = write_shard(job)
                 bar.update()
-    bar.close()
+        else:
+            with ProcessPoolExecutor(min(workers, len(todo))) as ex:
+                for fut in as_completed([ex.submit(write_shard, job) for job in todo]):
+                    rec = fut.result()
+                    records[rec["index"]] = rec
+                    bar.update()
 
     shards = [records[k] for k in range(num) if records[k]["count"]]
     if not shards:
@@ -298,15 +343,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the sample order")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     ap.add_argument("--min-size", type=int, default=32, help="the scan's tiny-image threshold (reported only)")
+    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                    help="the scan's decompression-bomb cap (width x height); larger images are dropped")
+    ap.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="files larger than this are dropped")
     ap.add_argument("--no-check", action="store_true", help="skip the per-image decode check (list already scanned)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
         m = make_shards(args.filelist, args.out, root=args.root, token_store=args.token_store,
                         shard_size=args.shard_size, seed=args.seed, workers=args.workers, check=not args.no_check,
-                        min_size=args.min_size, progress=not args.no_progress)
-    except (FileListError, TokenStoreError, ShardMakeError, ShardSetError) as e:
-        print(f"error: {e}", file=sys.stderr)
+                        min_size=args.min_size, progress=not args.no_progress, max_pixels=args.max_pixels,
+                        max_bytes=args.max_bytes)
+    except (FileListError, TokenStoreError, ShardMakeError, ShardSetError, UnsafeWriteError) as e:
+        print_error(e)
         return 2
     tok = f", tokens {m['tokenizer']['fingerprint'][:12]}" if m["tokenizer"] else ", no tokens"
     print(f"{m['num_samples']} samples in {len(m['shards'])} shard(s) under {args.out} ({m['num_dropped']} dropped by "

@@ -35,6 +35,7 @@ def _guard(a: argparse.Namespace):
 
 def cmd_fit(a: argparse.Namespace) -> None:
     from mapet_ds.filelist import read_filelist
+    from mapet_ds.safe_io import UnsafeWriteError
     from mapet_ds.tokenizers import (
         ClipExtractor,
         Codebook,
@@ -51,6 +52,9 @@ def cmd_fit(a: argparse.Namespace) -> None:
         return
     filelist = read_filelist(a.filelist, root=a.root)
     _guard(a).add_files(filelist.abspaths(), "an image of the list").check(a.out)
+    if os.path.isdir(a.out):
+        raise UnsafeWriteError(f"--out {a.out} is a folder: --out names the codebook file to write, "
+                               f"e.g. {os.path.join(a.out, 'codebook.pt')}")
     use_gpu = a.faiss_gpu
     if use_gpu == "auto" and (note := faiss_cpu_fallback_note()) is not None:
         print(f"[fit] note: {note}", flush=True)  # before the (long) sampling and fit, not after
@@ -87,6 +91,7 @@ def cmd_fit(a: argparse.Namespace) -> None:
 
 def cmd_assign(a: argparse.Namespace) -> None:
     from mapet_ds.filelist import read_filelist
+    from mapet_ds.safe_io import out_folder
     from mapet_ds.tokenizers import (
         Codebook,
         KMeansTokenizer,
@@ -97,7 +102,9 @@ def cmd_assign(a: argparse.Namespace) -> None:
     )
 
     filelist = read_filelist(a.filelist, root=a.root)
-    _guard(a).add(a.codebook, "the codebook").check_folder(a.out, ["meta.json", "tokens.npy", "progress"])
+    guard = _guard(a).add(a.codebook, "the codebook").add_files(filelist.abspaths(), "an image of the list")
+    out_folder(a.out, guard, create=False)
+    guard.check_folder(a.out, ["meta.json", "tokens.npy", "progress"])
     codebook = Codebook.load(a.codebook)
     extractor = build_extractor(codebook.meta["extractor"], clip_weights=a.clip_weights, device=a.device)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

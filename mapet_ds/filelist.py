@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 
+# Class indices are int32 in DALI and far below this in any dataset (ImageNet-21k: 21841).
+MAX_CLASS_INDEX = 2**31 - 1
+
+
 class FileListError(ValueError):
     """A file list is missing, empty, malformed, or names files that do not exist."""
 
@@ -104,15 +108,15 @@ class FileList:
 
 
 @contextlib.contextmanager
-def _unreadable_as_filelist_error(path: Path):
+def _unreadable_as_filelist_error(path: Path, what: str = "file list",
+                                  fix: str = "re-write it with data/make_filelist.py"):
     """An unreadable or non-UTF-8 list -> one FileListError naming it (not an errno / codec traceback)."""
     try:
         yield
     except UnicodeDecodeError as e:
-        raise FileListError(f"file list {path} is not UTF-8 text ({e.reason}): re-write it with "
-                            f"data/make_filelist.py") from None
+        raise FileListError(f"{what} {path} is not UTF-8 text ({e.reason}): {fix}") from None
     except OSError as e:
-        raise FileListError(f"file list {path} cannot be read: {e.strerror or e}") from None
+        raise FileListError(f"{what} {path} cannot be read: {e.strerror or e}") from None
 
 
 def read_filelist(path: str | os.PathLike, root: str | os.PathLike | None = None) -> FileList:
@@ -126,7 +130,8 @@ def read_filelist(path: str | os.PathLike, root: str | os.PathLike | None = None
     paths: list[str] = []
     labels: list[int] = []
     lines: list[int] = []
-    with _unreadable_as_filelist_error(path), open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first path
+    with _unreadable_as_filelist_error(path), open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if not line.strip() or line.lstrip().startswith("#"):
@@ -141,6 +146,9 @@ def read_filelist(path: str | os.PathLike, root: str | os.PathLike | None = None
                 raise FileListError(f"{path}:{lineno}: class index {lab!r} is not an integer") from None
             if y < 0:
                 raise FileListError(f"{path}:{lineno}: class index {y} is negative")
+            if y > MAX_CLASS_INDEX:
+                raise FileListError(f"{path}:{lineno}: class index {y} is absurd (over {MAX_CLASS_INDEX}): class "
+                                    f"indices are 0..num_classes-1; fix the line or remake the list")
             paths.append(rel.strip())
             labels.append(y)
             lines.append(lineno)
@@ -149,7 +157,9 @@ def read_filelist(path: str | os.PathLike, root: str | os.PathLike | None = None
     classes = None
     classes_path = path.parent / "classes.txt"
     if classes_path.is_file():
-        classes = [c.strip() for c in classes_path.read_text(encoding="utf-8").splitlines() if c.strip()]
+        with _unreadable_as_filelist_error(classes_path, "class-name file", "save it as UTF-8"):
+            text = classes_path.read_text(encoding="utf-8-sig")
+        classes = [c.strip() for c in text.splitlines() if c.strip()]
         if labels and max(labels) >= len(classes):
             raise FileListError(
                 f"{path}: class index {max(labels)} but {classes_path} names only {len(classes)} classes"
@@ -170,8 +180,13 @@ def write_filelist(
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             for rel, y in entries:
-                if "\t" in rel or "\n" in rel:
+                if "\t" in rel or "\n" in rel or "\r" in rel:
                     raise FileListError(f"path {rel!r} contains a tab or newline; rename the file")
+                try:
+                    rel.encode("utf-8")
+                except UnicodeEncodeError:  # os.walk's surrogate escapes of bytes that are not UTF-8
+                    raise FileListError(f"file name {os.fsencode(rel)!r} is not valid UTF-8 (lists are UTF-8 text): "
+                                        f"rename the file") from None
                 f.write(f"{rel}\t{int(y)}\n")
 
     atomic_write(path, write)

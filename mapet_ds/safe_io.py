@@ -9,9 +9,13 @@ launch/compare.py, the training run dirs) goes through these helpers:
   the folder it is joined to; :func:`path_under` joins and checks it.
 - :class:`InputGuard` remembers what a command reads (the list, its images, a codebook,
   a checkpoint) and refuses, in one line naming the path, to write onto any of them.
-- :func:`atomic_write` writes to a hidden temporary name in the same folder and
-  ``os.replace``-s it, so a killed process never leaves a half-written file under the
-  final name (and a symlinked output name is replaced, not written through).
+- :func:`atomic_write` writes to a hidden temporary file created exclusively (random name,
+  ``O_EXCL``: never a pre-placed link) in the same folder and ``os.replace``-s it, so a
+  killed process never leaves a half-written file under the final name (and a symlinked
+  output name is replaced, not written through); :func:`remove_own_temps` deletes only
+  such temporaries of a tool's own outputs, listing the folder (no glob over user paths).
+- :func:`out_folder` / :func:`sub_folder` check the folders written into: not a file, not
+  a dangling link, not an input, and (sub-folders) real path inside the output folder.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import posixpath
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -165,28 +170,81 @@ class InputGuard:
                     if _inside(key, k):
                         raise UnsafeWriteError(f"refusing to write {out_dir / name}: {what} {inp} is there and "
                                                f"would be overwritten; choose another {flag}")
+            self.check(out_dir / name, flag)  # also the images of a list (add_files)
         return out_dir
 
 
 # -- atomic writes ----------------------------------------------------------------------------
 
-def temp_path(path: str | os.PathLike) -> Path:
-    """Hidden temporary name beside ``path`` (same folder, so os.replace is atomic; unique per process)."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp gives 0600)
+# mkstemp's name: prefix + 8 characters of [a-z0-9_] + suffix
+_TEMP_RE = r"\.{name}\.[a-z0-9_]{{8}}\.tmp"
+
+
+def temp_file(path: str | os.PathLike) -> Path:
+    """Create (exclusively: ``O_CREAT | O_EXCL``, which never follows a link) an empty hidden
+    temporary file ``.NAME.XXXXXXXX.tmp`` beside ``path`` and return its name.
+
+    A random name that did not exist a moment ago cannot be a pre-placed symlink, so what is
+    written to it lands in this folder, in a file this process made. Same folder as ``path``:
+    ``os.replace`` onto it is atomic.
+    """
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
+def is_temp_of(entry: str, name_pattern: str) -> bool:
+    """True when ``entry`` (a file name) is a :func:`temp_file` of an output whose name fully
+    matches the regular expression ``name_pattern``: how a rerun recognises its own leftovers."""
+    return re.fullmatch(_TEMP_RE.format(name=f"(?:{name_pattern})"), entry) is not None
+
+
+def remove_own_temps(folder: str | os.PathLike, name_pattern: str) -> list[str]:
+    """Delete the leftovers of killed runs in ``folder``: :func:`temp_file` names of outputs
+    matching ``name_pattern`` only (never another file, never a folder; a link is unlinked,
+    not followed). Lists the folder instead of globbing it, so glob characters in a user's
+    path cannot widen the match. -> the names removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        if is_temp_of(e.name, name_pattern) and not e.is_dir(follow_symlinks=False):
+            try:
+                os.unlink(e.path)
+                removed.append(e.name)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` then ``os.replace(tmp, path)``; the temporary file never outlives a failure."""
+    """``write(tmp)`` then ``os.replace(tmp, path)``; the temporary file never outlives a failure.
+
+    ``tmp`` is made by :func:`temp_file` (exclusive, random name, same folder); a symlink at
+    ``path`` itself is replaced, never written through.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
+    tmp = temp_file(path)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
     return path
 
 
@@ -207,3 +265,57 @@ def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False) -
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return atomic_write(dst, lambda t: shutil.copyfile(src, t))
+
+
+# -- output folders ---------------------------------------------------------------------------
+
+def out_folder(out: str | os.PathLike, guard: Optional[InputGuard] = None, flag: str = "--out",
+               create: bool = True) -> Path:
+    """Check (and create) an output folder: one UnsafeWriteError line, never a traceback, when
+    ``out`` is an existing file, a dangling symlink, a folder that is one of the ``guard``'s
+    inputs (or inside one), or cannot be created."""
+    out = Path(out)
+    if os.path.lexists(out) and not os.path.exists(out):
+        raise UnsafeWriteError(f"{flag} {out} is a dangling symlink (to {os.readlink(out)}): remove it or choose "
+                               f"another {flag}")
+    if guard is not None:
+        hit = guard.find(out)
+        if hit is not None:
+            raise UnsafeWriteError(f"refusing to write into {out}: it is {hit[0]} {hit[1]} (or inside it), an input "
+                                   f"of this command; choose another {flag}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UnsafeWriteError(f"{flag} {out} is a file, not a folder: choose a folder")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UnsafeWriteError(f"{flag} {out} cannot be created ({e.strerror or e}): choose another {flag}") from None
+    return out
+
+
+def sub_folder(out: str | os.PathLike, rel: str, flag: str = "--out") -> Path:
+    """``out/rel`` created as a folder whose real path stays inside ``out``'s: a symlink at
+    ``out/rel`` (or a part of it) that leads elsewhere is refused, not followed."""
+    path = path_under(out, rel)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UnsafeWriteError(f"{path} is in the way of a folder this command writes: it is a file or a dangling "
+                               f"link; remove it or choose another {flag}")
+    path.mkdir(parents=True, exist_ok=True)
+    path_under(out, rel)  # again: a link placed while creating it
+    return path
+
+
+def print_error(message: object) -> None:
+    """``error: <message>`` on stderr, on a line of its own: progress bars still open (a
+    failure in the middle of a tqdm loop) are closed first, so the line does not start
+    after a bar's carriage return."""
+    import sys
+
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except ImportError:
+        pass
+    print(f"error: {message}", file=sys.stderr, flush=True)

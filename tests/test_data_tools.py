@@ -155,8 +155,8 @@ def test_scan_finds_exactly_the_planted_files(broken_dataset, tmp_path):
     report = scan.scan_filelist(root / "train.txt", out, workers=2, progress=False)
     found = {p["path"]: p["issues"] for p in report["problems"]}
     assert found == {path: [issue] for path, issue in bad.items()}
-    assert report["counts"] == {"truncated": 1, "undecodable": 0, "cmyk": 1, "wrong_format": 1, "grayscale": 1,
-                                "tiny": 0}
+    assert report["counts"] == {"truncated": 1, "undecodable": 0, "not_a_file": 0, "too_large": 0, "cmyk": 1,
+                                "wrong_format": 1, "unsupported": 0, "grayscale": 1, "tiny": 0}
     assert report["actions"] == {"kept": 27, "repaired": 0, "dropped": 3}
     on_disk = json.loads((out / "train_scan.json").read_text())
     assert on_disk["num_clean"] == 27 and len(on_disk["problems"]) == 4

@@ -70,7 +70,7 @@ def rebatch(train: TrainConfig, world_size: int, saved: dict, section: str) -> T
 
 def needs_universal(tag_dir: Path, zero_stage: int, precision: str) -> bool:
     """fp32 ZeRO-0 -> fp32 ZeRO-0 needs no conversion: the checkpoint holds the whole state."""
-    sharded = bool(glob.glob(str(tag_dir / "*optim_states.pt")))
+    sharded = bool(glob.glob(os.path.join(glob.escape(str(tag_dir)), "*optim_states.pt")))
     return sharded or zero_stage >= 1 or precision != "fp32"
 
 
@@ -145,7 +145,7 @@ def universal_dir(tag_dir: Path, rank: int) -> Path:
         t0 = time.perf_counter()
         tmp = tag_dir / (UNIVERSAL + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # a conversion killed midway
-        if glob.glob(str(tag_dir / "*optim_states.pt")):
+        if glob.glob(os.path.join(glob.escape(str(tag_dir)), "*optim_states.pt")):
             _ds_to_universal(tag_dir, tmp)
         else:
             _plain_to_universal(tag_dir, tmp)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import linecache
 import os
-import sys
 import tempfile
 import time
 import traceback
@@ -83,7 +82,9 @@ def report_error(message: str, key: Optional[str] = None) -> bool:
             return False
         if rank != 0:
             message = f"[rank {rank}] {message}"
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    from mapet_ds.safe_io import print_error
+
+    print_error(message)  # on a fresh line after any open progress bar
     return True
 
 

@@ -61,7 +61,7 @@ _TIMM_SIZES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "
 
 
 def _is_tag_dir(p: Path) -> bool:
-    return p.is_dir() and bool(glob.glob(str(p / _MODEL_STATES)))
+    return p.is_dir() and bool(glob.glob(os.path.join(glob.escape(str(p)), _MODEL_STATES)))
 
 
 def resolve_source(path: str | os.PathLike, *, require_complete: bool = True) -> tuple[str, Path]:
@@ -166,7 +166,7 @@ def _quiet(fn, *args, **kwargs):
 def _load_deepspeed(tag_dir: Path, use_ema: bool) -> tuple[dict, dict]:
     model_file = tag_dir / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
-        model_file = Path(sorted(glob.glob(str(tag_dir / _MODEL_STATES)))[0])
+        model_file = Path(sorted(glob.glob(os.path.join(glob.escape(str(tag_dir)), _MODEL_STATES)))[0])
     states = _torch_load(model_file, trusted=True)  # DeepSpeed's own files hold pickled objects
     ds_cfg = states.get("ds_config") or {}
     meta = {
@@ -183,7 +183,7 @@ def _load_deepspeed(tag_dir: Path, use_ema: bool) -> tuple[dict, dict]:
             pass
     if use_ema:
         return _unwrap(states, model_file, use_ema=True), dict(meta, weights="ema (client state)")
-    if glob.glob(str(tag_dir / "*_optim_states.pt")):
+    if glob.glob(os.path.join(glob.escape(str(tag_dir)), "*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = _quiet(get_fp32_state_dict_from_zero_checkpoint, str(tag_dir.parent), tag=tag_dir.name)

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from mapet_ds.filelist import FileList, FileListError, read_filelist, scan_hint, shard_indices
+
+# the failing-sample locator (re-exported: loaders call them as common.*)
+from mapet_ds.images import dali_cause
+from mapet_ds.pipelines.locate import (  # noqa: F401
+    find_broken,
+    locate_failure,
+    locate_in_tars,
+    shards_hint,
+)
 
 # Same values as timm.data.constants (not imported: importing timm costs seconds).
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -264,64 +271,17 @@ class PipelineRunError(RuntimeError):
 PREFETCH_DEPTH = 2
 
 
-def find_broken(fl: FileList, sample_ids: Iterable[int], *, decode: bool = True,
-                budget_s: float = 30.0) -> str | None:
-    """``<list>:<line>: <path>: <what is wrong>`` for the first of ``sample_ids`` whose file
-    is empty, unreadable or not an image PIL can open (and, with ``decode``, decode), else
-    None, also when ``budget_s`` runs out.
-
-    Runs only after a pipeline has failed: DALI's decoder errors do not say which sample.
-    ``decode=False`` parses headers only, for long candidate lists.
-    """
-    from PIL import Image
-
-    t0 = time.monotonic()
-    for i in sample_ids:
-        path = fl.abspath(int(i))
-        try:
-            if os.path.getsize(path) == 0:
-                return f"{fl.where(int(i))}: empty file"
-            with Image.open(path) as img:
-                if decode:
-                    img.load()
-        except Exception as e:  # noqa: BLE001 - any failure here is the answer we are looking for
-            what = "not an image" if type(e).__name__ == "UnidentifiedImageError" else f"cannot be decoded ({e})"
-            return f"{fl.where(int(i))}: {what}"
-        if time.monotonic() - t0 > budget_s:
-            return None
-    return None
-
-
-def locate_failure(fl: FileList, cause: str, candidates: Sequence[int] | None) -> str | None:
-    """Name the list line behind a pipeline failure ``cause`` (DALI's message).
-
-    The reader names the file it cannot map; for decoder failures the ``candidates``
-    (sample ids possibly in flight) are decoded with PIL, then the whole list's headers.
-    """
-    m = re.search(r"File mapping failed: (.+)$", cause)
-    if m:
-        rel = os.path.normpath(os.path.relpath(m.group(1).strip(), fl.root))
-        index = {os.path.normpath(p): i for i, p in enumerate(fl.paths)}
-        if rel in index:
-            return find_broken(fl, [index[rel]]) or f"{fl.where(index[rel])}: cannot be read"
-    found = find_broken(fl, candidates) if candidates is not None else None
-    return found or find_broken(fl, range(len(fl)), decode=False)
-
-
-def run_pipeline(pipe, list_path, locate: Callable[[str], str | None] | None = None) -> tuple:
+def run_pipeline(pipe, list_path, locate: Callable[[str], str | None] | None = None,
+                 hint: str | None = None) -> tuple:
     """``pipe.run()`` with DALI's multi-line error cut down to the line that matters.
 
     ``locate(cause)`` may name the sample behind the failure; the message always ends with
-    the scan hint.
+    ``hint`` (default: the scan hint of a file list).
     """
     try:
         return pipe.run()
     except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        # DALI's message is a traceback of the graph; the cause follows "encountered:".
-        decode = next((ln for ln in lines if "failed to decode" in ln.lower()), None)
-        after = [lines[i + 1] for i, ln in enumerate(lines[:-1]) if ln == "encountered:"]
-        cause = decode or (after or lines or [""])[0]
+        cause = dali_cause(e)
         where = None
         if locate is not None:
             try:
@@ -329,7 +289,8 @@ def run_pipeline(pipe, list_path, locate: Callable[[str], str | None] | None = N
             except Exception:  # noqa: BLE001 - a failed diagnosis must not hide the failure itself
                 where = None
         where = f"; {where}" if where else ""
-        raise PipelineRunError(f"DALI pipeline over {list_path} failed: {cause}{where} ({scan_hint(list_path)})") from e
+        raise PipelineRunError(f"DALI pipeline over {list_path} failed: {cause}{where} "
+                               f"({hint or scan_hint(list_path)})") from e
 
 
 def dali_to_torch(outputs, device: torch.device) -> list[torch.Tensor]:

@@ -148,6 +148,7 @@ class ShardTrainLoader(EpochPosition):
     def _epoch_pipeline(self, epoch: int, dali: bytes | None):
         paths, idxs = rank_tars(self._ss, epoch_order(len(self._ss.tars), self._seed, epoch), self.shard_id,
                                 self.num_shards, self._tmp, f"e{epoch}")
+        self._tars = paths  # where the locator looks for the sample a failure came from
         # augmentation streams: distinct per epoch (and per rank, inside the graph builder)
         return self._build(paths, idxs, C.rank_seed(self._seed, epoch, salt=3), dali)
 
@@ -156,7 +157,8 @@ class ShardTrainLoader(EpochPosition):
             self._pipe = None  # free the old epoch's buffers before building the next
             self._epoch, self._step = self._epoch + 1, 0
             self._pipe = self._epoch_pipeline(self._epoch, None)
-        tensors = C.dali_to_torch(C.run_pipeline(self._pipe, self._ss.path), self._device)
+        tensors = C.dali_to_torch(C.run_pipeline(self._pipe, self._ss.path, lambda _: C.locate_in_tars(self._tars),
+                                                 C.shards_hint(self._ss.path)), self._device)
         self._step += 1
         batch = dict(zip(self._outputs, tensors))
         batch["sample_ids"] = batch["sample_ids"].reshape(-1)
@@ -194,16 +196,21 @@ class ShardEvalLoader:
         weakref.finalize(self, shutil.rmtree, self._tmp, True)
         # an empty part (more ranks than samples): nothing to read, this rank only pads
         self._pipe = None
+        self._tars: list[str] = []
         if self.num_local > 0:
-            self._pipe = build(*rank_tars(ss, range(len(ss.tars)), shard_id, num_shards, self._tmp, "eval"))
+            self._tars, idxs = rank_tars(ss, range(len(ss.tars)), shard_id, num_shards, self._tmp, "eval")
+            self._pipe = build(self._tars, idxs)
         self._taken = 0
+
+    def _run(self):
+        return C.run_pipeline(self._pipe, self._path, lambda _: C.locate_in_tars(self._tars), C.shards_hint(self._path))
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict]:
         while 0 < self._taken < self._reader_batches:  # an earlier pass stopped early
-            C.run_pipeline(self._pipe, self._path)
+            self._run()
             self._taken += 1
         self._taken = 0
         last = None
@@ -217,7 +224,7 @@ class ShardEvalLoader:
                 yield {**{k: v.clone() for k, v in last.items() if k != "valid"},
                        "valid": torch.zeros(B, dtype=torch.bool, device=self._device)}
                 continue
-            images, ids, labels = C.dali_to_torch(C.run_pipeline(self._pipe, self._path), self._device)
+            images, ids, labels = C.dali_to_torch(self._run(), self._device)
             self._taken += 1
             pos = torch.arange(i * B, (i + 1) * B)
             last = {"images": images, "labels": to_device(labels.reshape(-1), self._device),

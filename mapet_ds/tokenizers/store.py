@@ -15,10 +15,10 @@ can be shared between ranks.
 from __future__ import annotations
 
 import datetime
-import glob
 import hashlib
 import json
 import os
+import re
 import time
 from typing import Any, Callable, Iterator
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mapet_ds.filelist import FileList
-from mapet_ds.safe_io import atomic_write, atomic_write_text
+from mapet_ds.safe_io import atomic_write, atomic_write_text, remove_own_temps, sub_folder
 
 MAX_VOCAB = 32767
 FORMAT = "mapet_ds.token_store/1"
@@ -85,8 +85,7 @@ class TokenStore:
         """Chunks whose rows are written and flushed (all of them once finalised)."""
         if self.meta.get("complete"):
             return set(range(self.num_chunks))
-        names = glob.glob(os.path.join(self.path, self.PROGRESS, "chunk_*.json"))
-        return {int(os.path.basename(n)[6:-5]) for n in names}
+        return {c for c in _marker_chunks(os.path.join(self.path, self.PROGRESS)) if c < self.num_chunks}
 
     @property
     def complete(self) -> bool:
@@ -119,9 +118,11 @@ class TokenStore:
             raise TokenStoreError(f"vocab {vocab} does not fit the int16 token store (1..{MAX_VOCAB}): use k <= {MAX_VOCAB}")
         if grid < 1 or chunk_size < 1:
             raise TokenStoreError(f"grid ({grid}) and chunk_size ({chunk_size}) must be >= 1")
-        os.makedirs(os.path.join(path, cls.PROGRESS), exist_ok=True)
-        for stale in glob.glob(os.path.join(path, cls.PROGRESS, "chunk_*.json")):
-            os.remove(stale)
+        progress = sub_folder(path, cls.PROGRESS)  # its real path stays inside the store
+        for c in _marker_chunks(progress):  # an older store's markers; only names this code writes
+            os.remove(os.path.join(progress, _marker_name(c)))
+        remove_own_temps(progress, _MARKER_RE)
+        remove_own_temps(path, rf"{re.escape(cls.META)}|{re.escape(cls.TOKENS)}")
         if os.path.exists(os.path.join(path, cls.META)):
             os.remove(os.path.join(path, cls.META))
         n, cells = len(filelist), grid * grid
@@ -283,9 +284,26 @@ def view_mismatch(where: str, meta: dict, view: dict[str, Any], fix: str, error:
         )
 
 
+_MARKER_RE = r"chunk_\d{6,}\.json"
+
+
+def _marker_name(c: int) -> str:
+    return f"chunk_{c:06d}.json"
+
+
+def _marker_chunks(progress: str | os.PathLike) -> set[int]:
+    """Chunks marked done in ``progress``: the folder is listed, not globbed (a glob over the
+    user's --out would read, or delete, another folder's markers when it holds ``[``)."""
+    try:
+        names = os.listdir(progress)
+    except FileNotFoundError:
+        return set()
+    return {int(n[6:-5]) for n in names if re.fullmatch(_MARKER_RE, n)}
+
+
 def _write_marker(store: TokenStore, c: int, record: dict) -> None:
     """Atomically mark chunk ``c`` finished (a separate function so tests can crash here)."""
-    _write_json(os.path.join(store.path, TokenStore.PROGRESS, f"chunk_{c:06d}.json"), record)
+    _write_json(os.path.join(store.path, TokenStore.PROGRESS, _marker_name(c)), record)
 
 
 def iterate_images(
@@ -403,6 +421,8 @@ def assign_tokens(
                 f"token store {out} was written with another tokenizer ({_short(store.spec)}) than this one "
                 f"({_short(spec)}): delete {out} or choose another --out"
             )
+        if world_size == 1:  # no other rank can be writing: a killed run's marker temps go
+            remove_own_temps(os.path.join(out, TokenStore.PROGRESS), _MARKER_RE)
     else:
         store = TokenStore.create(out, filelist, grid, vocab, spec, chunk_size=chunk_size, view=view)
     done = store.done_chunks()
