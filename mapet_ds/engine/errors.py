@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import linecache
 import os
+import sys
 import tempfile
 import time
 import traceback
