@@ -109,6 +109,8 @@ class TokenizerConfig(_Section):
     online: bool = False
     # sha256 (or a prefix) of the tokenizer spec that shards must carry (their manifest.json)
     fingerprint: Optional[str] = None
+    pixel_norm: Optional[Literal["patch", "channel", "luma"]] = Field(
+        None, description="pixel k-means only: the normalisation the token store must be made with (null: not checked)")
 
     @field_validator("vocab_size")
     @classmethod
