@@ -18,6 +18,7 @@ them), as a subprocess: ``deepspeed --num_gpus N`` when GPUs are present, plain
     python launch/demo.py                 # ~10 min on 2 quiet CPU cores
     python launch/demo.py --small         # CI size (or MAPET_DEMO_SMALL=1)
     python launch/demo.py --seed 1        # another labelled subset + fine-tune seed; the rest is reused
+    python launch/demo.py --seed 1 --finetune-only   # only stage 4 (after a finished demo): seed spread
 """
 
 from __future__ import annotations
@@ -167,6 +168,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--small", action="store_true", default=os.environ.get("MAPET_DEMO_SMALL") == "1",
                     help="tiny CI-size run (also MAPET_DEMO_SMALL=1)")
     ap.add_argument("--seed", type=int, default=0, help="labelled subset and fine-tuning seed")
+    ap.add_argument("--finetune-only", action="store_true",
+                    help="only the few-label fine-tune stage (both arms) for --seed, on a finished demo in --out; "
+                         "prints its figures as one JSON line (for seed spreads)")
     ap.add_argument("--ds_config", default=DEFAULT_DS_CONFIG)
     args = ap.parse_args(argv)
     size = SIZES["small" if args.small else "full"]
@@ -177,6 +181,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs.mkdir(exist_ok=True)
     times: dict[str, float] = {}
     t_start = time.perf_counter()
+    batch = size["batch"]
+    pre = runs / "pretrain_mapet"
+    if args.finetune_only and not _finished_pretrain(pre, size["pretrain_steps"]):
+        print(f"error: --finetune-only needs a finished demo pre-training in {pre}: run the demo without it "
+              f"first", file=sys.stderr)
+        return 2
+    if args.finetune_only:
+        log = out / f"finetune_seed{args.seed}.log"  # seeds may run side by side
 
     if not (data / "val.txt").is_file():
         _run([sys.executable, str(REPO / "data/make_demo.py"), "--out", str(data), "--num-train-per-class",
@@ -192,8 +204,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _run([sys.executable, str(REPO / "launch/tokens.py"), "assign", "--filelist", str(data / "train.txt"),
               "--codebook", str(codebook), "--out", str(tokens)], log, "2/6 write the token store", times)
 
-    batch = size["batch"]
-    pre = runs / "pretrain_mapet"
     if not _finished_pretrain(pre, size["pretrain_steps"]):
         # all train images, labels unused; tokenizer.pixel_norm refuses a store of an older demo (other tokens)
         _run(_launcher(REPO / "launch/pretrain.py") + [
@@ -220,6 +230,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 log, f"4/6 fine-tune the {'pre-trained' if init else 'randomly initialised'} ViT on "
                      f"{few['num_images']} labelled images", times)
         finetune[arm] = _read_json(ft / "summary.json")  # the final evaluation of that run
+    if args.finetune_only:
+        print(json.dumps({"seed": args.seed, "subset": few["list"], "stage_seconds": times,
+                          **{f"finetune_top1_{a}": round(r["top1"], 2) for a, r in finetune.items()},
+                          **{f"finetune_top5_{a}": round(r["top5"], 2) for a, r in finetune.items()}}), flush=True)
+        return 0
 
     pre_cfg = pre / "config.yaml"
     knn = {"pretrained": _knn(str(pre), pre_cfg, data, runs / "knn_pretrained.json", log, times,

@@ -98,3 +98,12 @@ def test_evaluate_random_init_needs_knn_and_config(tmp_path):
     assert proc.returncode == 2
     assert "error: checkpoint 'random' is the random-init k-NN baseline: pass --knn and --config" in \
         proc.stdout + proc.stderr
+
+
+def test_finetune_only_needs_a_finished_demo(tmp_path, capsys):
+    from mapet_ds.demo import main
+
+    assert main(["--out", str(tmp_path / "d"), "--small", "--seed", "3", "--finetune-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --finetune-only needs a finished demo pre-training in") and err.count("\n") == 1
+    assert not (tmp_path / "d/data").exists()  # nothing was made
