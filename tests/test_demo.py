@@ -33,7 +33,9 @@ def test_stratified_subset_is_per_class_seeded_and_refuses_small_classes(tmp_pat
 
 def test_demo_command_small(tmp_path):
     out = tmp_path / "demo"
-    proc = run_py([REPO / "launch/demo.py", "--out", out], cwd=tmp_path, env={"MAPET_DEMO_SMALL": "1"})
+    # 9 tool runs: minutes on a quiet box, far more on a loaded one (the timeout is only a safety net)
+    proc = run_py([REPO / "launch/demo.py", "--out", out], cwd=tmp_path, env={"MAPET_DEMO_SMALL": "1"},
+                  timeout=1800)
     text = proc.stdout
     for stage in ("1/6 make the demo dataset", "2/6 fit the pixel k-means tokenizer", "3/6 pre-train MaPeT",
                   "4/6 fine-tune the pre-trained ViT on 40 labelled", "4/6 fine-tune the randomly initialised ViT",
