@@ -122,8 +122,9 @@ def check_tokens(ss: ShardSet, *, grid: int, vocab: int, kind: str | None = None
 
         have = pixel_norm_of(spec.get("extractor") or {})
         if have != pixel_norm:
-            raise ShardSetError(f"{where} holds tokens made with {f'pixel_norm={have}' if have else 'a non-pixel tokenizer'}"
-                                f" but tokenizer.pixel_norm={pixel_norm}: {FIX} from a store of that normalisation")
+            made = f"pixel_norm={have}" if have else "a non-pixel tokenizer"
+            raise ShardSetError(f"{where} holds tokens made with {made} but tokenizer.pixel_norm={pixel_norm}: "
+                                f"{FIX} from a store of that normalisation")
     if fingerprint and not tk["fingerprint"].startswith(fingerprint.lower()):
         raise ShardSetError(f"{where} does not match tokenizer.fingerprint={fingerprint}: use the shards made for "
                             f"that tokenizer, or set tokenizer.fingerprint={tk['fingerprint'][:12]}")
