@@ -43,11 +43,12 @@ POOL = "cls"  # frozen-feature probes read [CLS]: on this data it probes far bet
 
 SIZES = {
     # images per class (train, val), labelled images per class for fine-tuning, demo image size,
-    # k-means k, pretrain / fine-tune / linear-probe steps, batch
+    # k-means k, pretrain / fine-tune steps, batch; linear probe steps and batch on cached
+    # features (full: 90 epochs of 2,600 at 128, MAE's epoch count; each step is one small matmul)
     "full": dict(train=260, val=50, labels=20, size=80, k=256, pretrain_steps=300, finetune_steps=200,
-                 linprobe_steps=300, batch=64),
+                 batch=64, linprobe_steps=1800, linprobe_batch=128),
     "small": dict(train=12, val=4, labels=4, size=64, k=32, pretrain_steps=16, finetune_steps=6,
-                  linprobe_steps=6, batch=16),
+                  batch=16, linprobe_steps=6, linprobe_batch=16),
 }
 
 
@@ -152,7 +153,7 @@ def _linprobe(init: str, data: Path, out: Path, steps: int, batch: int, log: Pat
         _run(_launcher(script) + [
             "--config", str(RECIPES / "demo_linprobe.yaml"), f"linprobe.init={init}",
             f"data.train_list={data / 'train.txt'}", f"data.val_list={data / 'val.txt'}",
-            f"linprobe.max_steps={steps}", f"linprobe.output_dir={out}", "linprobe.cache_features=true",
+            f"linprobe.max_steps={steps}", f"linprobe.global_batch_size={batch}", f"linprobe.output_dir={out}", "linprobe.cache_features=true",
             f"linprobe.pool={POOL}"], log, title, times)
     return _read_json(out / "summary.json")
 
@@ -241,9 +242,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               "5/6 k-NN on frozen [CLS] features: pre-trained"),
            "random": _knn("random", pre_cfg, data, runs / "knn_random.json", log, times,
                           "5/6 k-NN on frozen [CLS] features: random init")}
-    probe = {arm: _linprobe(init, data, runs / f"linprobe_{arm}", size["linprobe_steps"], batch, log, times,
-                            f"6/6 linear probe on frozen [CLS] features: {arm.replace('random', 'random init')}")
-             for arm, init in (("pretrained", str(pre)), ("random", "random"))}
+    probe = {arm: _linprobe(init, data, runs / f"linprobe_{arm}", size["linprobe_steps"], size["linprobe_batch"],
+                            log, times, f"6/6 linear probe on frozen [CLS] features: {title}")
+             for arm, init, title in (("pretrained", str(pre), "pre-trained"), ("random", "random", "random init"))}
 
     losses = _losses(pre)
     k = max(1, len(losses) // 10)

@@ -40,7 +40,7 @@ def test_demo_command_small(tmp_path):
     for stage in ("1/6 make the demo dataset", "2/6 fit the pixel k-means tokenizer", "3/6 pre-train MaPeT",
                   "4/6 fine-tune the pre-trained ViT on 40 labelled", "4/6 fine-tune the randomly initialised ViT",
                   "5/6 k-NN on frozen [CLS] features: pre-trained", "5/6 k-NN on frozen [CLS] features: random init",
-                  "6/6 linear probe on frozen [CLS] features: pretrained",
+                  "6/6 linear probe on frozen [CLS] features: pre-trained",
                   "6/6 linear probe on frozen [CLS] features: random init", "== summary"):
         assert f"== {stage}" in text, stage
     # one table: few-label fine-tune, k-NN, linear probe; pre-trained vs scratch/random
