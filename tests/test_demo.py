@@ -31,9 +31,9 @@ def test_stratified_subset_is_per_class_seeded_and_refuses_small_classes(tmp_pat
         stratified_subset(full, 11, 0, tmp_path / "few_d.txt")
 
 
+@pytest.mark.timeout(2400)  # 9 tool runs: a few minutes on a quiet box, far more on a loaded one
 def test_demo_command_small(tmp_path):
     out = tmp_path / "demo"
-    # 9 tool runs: minutes on a quiet box, far more on a loaded one (the timeout is only a safety net)
     proc = run_py([REPO / "launch/demo.py", "--out", out], cwd=tmp_path, env={"MAPET_DEMO_SMALL": "1"},
                   timeout=1800)
     text = proc.stdout
