@@ -41,7 +41,7 @@ def test_demo_command_small(tmp_path):
                   "4/6 fine-tune the pre-trained ViT on 40 labelled", "4/6 fine-tune the randomly initialised ViT",
                   "5/6 k-NN on frozen [CLS] features: pre-trained", "5/6 k-NN on frozen [CLS] features: random init",
                   "6/6 linear probe on frozen [CLS] features: pre-trained",
-                  "6/6 linear probe on frozen [CLS] features: random init", "== summary"):
+                  "6/6 linear probe on frozen [CLS] features: random init", "summary"):
         assert f"== {stage}" in text, stage
     # one table: few-label fine-tune, k-NN, linear probe; pre-trained vs scratch/random
     assert re.search(r"pre-trained\s+scratch/random", text)
