@@ -18,8 +18,8 @@ from mapet_ds.tokenizers import Codebook
 def test_stratified_subset_is_per_class_seeded_and_refuses_small_classes(tmp_path):
     full = write_filelist(tmp_path / "train.txt", [(f"c{i % 3}/{i}.jpg", i % 3) for i in range(30)])
     a = stratified_subset(full, 4, 7, tmp_path / "few_a.txt")
-    b = stratified_subset(full, 4, 7, tmp_path / "few_b.txt")
-    c = stratified_subset(full, 4, 8, tmp_path / "few_c.txt")
+    stratified_subset(full, 4, 7, tmp_path / "few_b.txt")
+    stratified_subset(full, 4, 8, tmp_path / "few_c.txt")
     fa, fb, fc = (read_filelist(tmp_path / n) for n in ("few_a.txt", "few_b.txt", "few_c.txt"))
     assert a["seed"] == 7 and a["num_images"] == 12 and a["per_class"] == 4
     assert sorted(fa.labels) == [0] * 4 + [1] * 4 + [2] * 4
