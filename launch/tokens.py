@@ -63,7 +63,7 @@ def cmd_fit(a: argparse.Namespace) -> None:
         raise SystemExit(f"--img-size {a.img_size} must be a multiple of --patch-size {a.patch_size}")
     grid = a.img_size // a.patch_size
     if a.extractor == "pixel":
-        extractor = PixelPatchExtractor(a.patch_size, a.img_size, device=a.device)
+        extractor = PixelPatchExtractor(a.patch_size, a.img_size, norm=a.pixel_norm, device=a.device)
     else:
         if not a.clip_weights:
             raise SystemExit("--extractor clip needs --clip-weights (a local file, or an open_clip tag such as 'openai')")
@@ -178,6 +178,11 @@ def main(argv=None) -> None:
     f = sub.add_parser("fit", help="sample features and fit a k-means codebook")
     common(f)
     f.add_argument("--extractor", choices=["pixel", "clip"], default="pixel")
+    # luma by default: per-patch normalised luma gives structure tokens (a flat patch of any
+    # colour is one code); "patch" is what codebooks made before the option used.
+    f.add_argument("--pixel-norm", choices=["luma", "channel", "patch"], default="luma",
+                   help="pixel extractor: normalise each patch's luma (structure tokens), each channel, or all "
+                        "3 channels together (keeps hue; older codebooks). Default luma")
     f.add_argument("--clip-model", default="RN50x64", help="open_clip model name")
     f.add_argument("--clip-input-size", type=int, default=None, help="CLIP input px (default: the model's; RN50x64: 448)")
     f.add_argument("--img-size", type=int, default=224, help="ViT input size")

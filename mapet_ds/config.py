@@ -1,7 +1,7 @@
 """Typed run configuration: YAML recipes + dotted command-line overrides.
 
 One ``RunConfig`` describes a job: ``model``, ``tokenizer``, ``objective``, ``data``,
-``optim``, ``pretrain`` and ``finetune`` sections. Every section rejects unknown keys,
+``optim``, ``pretrain``, ``finetune`` and ``linprobe`` sections. Every section rejects unknown keys,
 and every invalid value fails with a one-line ``ConfigError`` naming the field, the
 value and what is allowed::
 
@@ -119,6 +119,9 @@ class TokenizerConfig(_Section):
     # sha256 (or a prefix) of the tokenizer spec that shards must carry (their manifest.json)
     fingerprint: Optional[str] = Field(
         None, description="sha256 (or prefix) of the tokenizer spec that shards must carry")
+
+    pixel_norm: Optional[Literal["patch", "channel", "luma"]] = Field(
+        None, description="pixel k-means only: the normalisation the token store must be made with (null: not checked)")
 
     @property
     def offline(self) -> bool:
@@ -331,6 +334,32 @@ class SegmentConfig(TrainConfig):
         return self
 
 
+class LinprobeConfig(TrainConfig):
+    """Linear probing (MAE's protocol): frozen backbone, BatchNorm (no affine) + Linear head, LARS."""
+
+    output_dir: str = Field("runs/linprobe", description="run dir: checkpoints, tb/, metrics.jsonl, summary.json")
+    epochs: float = Field(90, gt=0, description="training epochs (MAE: 90; 10 of them warmup via optim.warmup_epochs)")
+    global_batch_size: int = Field(16384, gt=0, description="images per optimizer step over all ranks (MAE: 16384)")
+    precision: Literal["fp32"] = Field(
+        "fp32", description="the head trains in fp32 (tiny; DeepSpeed's bf16 optimizer would flatten it and break "
+                            "LARS' per-tensor trust ratio); the backbone's dtype is linprobe.backbone_dtype")
+    init: Optional[str] = Field(
+        None, description="backbone: pre-training run dir | fine-tuned run | exported/timm/release checkpoint | random")
+    pool: Literal["cls", "mean"] = Field(
+        "mean", description="features: mean of the patch tokens (BEiT, our k-NN and fine-tuning) or the [CLS] "
+                            "token (MAE's linprobe default)")
+    blr: float = Field(0.1, gt=0, description="base lr: lr = blr x global_batch_size / 256 (MAE: 0.1)")
+    lr: Optional[float] = Field(None, gt=0, description="absolute lr; overrides blr when set")
+    momentum: float = Field(0.9, ge=0, lt=1, description="LARS momentum (MAE: 0.9)")
+    weight_decay: float = Field(0.0, ge=0, description="LARS weight decay of the Linear weight (MAE: 0)")
+    num_classes: Optional[int] = Field(None, gt=1, description="classes (default: from the file lists)")
+    eval_every: int = Field(1, gt=0, description="evaluate every N epochs (and at the end)")
+    cache_features: bool = Field(
+        False, description="extract eval-view features once, train the head on them (no augmentation; fast)")
+    backbone_dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="autocast dtype of the frozen backbone's forward (auto: bf16 on GPUs that have it)")
+
+
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="ViT backbone")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="visual tokenizer of the targets")
@@ -340,6 +369,8 @@ class RunConfig(_Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="pre-training loop")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="fine-tuning loop")
     segment: SegmentConfig = Field(default_factory=SegmentConfig, description="semantic segmentation job")
+    linprobe: LinprobeConfig = Field(default_factory=LinprobeConfig,
+                                     description="linear probing job (launch/linprobe.py)")
 
     @model_validator(mode="after")
     def _cross_check(self) -> "RunConfig":

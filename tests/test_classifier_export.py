@@ -460,7 +460,7 @@ def test_knn_separable_is_perfect_and_random_is_chance():
         knn_eval(tr, ytr, te[:, :8], yte)
 
 
-def test_extract_features_mean_pooled_after_norm(tiny_model_cfg):
+def test_extract_features_cls_or_mean_pooled_after_norm(tiny_model_cfg):
     pre = _randomize(PretrainModel(tiny_model_cfg, ObjectiveConfig(), vocab_size=32)).train()
     images = torch.randn(5, 3, 64, 64)
     loader = [
@@ -468,13 +468,17 @@ def test_extract_features_mean_pooled_after_norm(tiny_model_cfg):
         [{"images": images[3:], "labels": torch.tensor([3, 4]), "sample_ids": torch.tensor([13, 99]),
           "valid": torch.tensor([True, False])}],  # DALI-style list; the last row is padding
     ]
-    feats, labels, ids = extract_features(pre, loader, "cpu")
+    feats, labels, ids = extract_features(pre, loader, "cpu", pool="mean")
     assert pre.training  # mode restored
     assert feats.shape == (4, 48) and labels.tolist() == [0, 1, 2, 3] and ids.tolist() == [10, 11, 12, 13]
     bb = pre.backbone.eval()
     with torch.no_grad():
         expected = bb.forward_features(images[:4])[:, 1:].mean(1)  # forward_features applies the final norm
         torch.testing.assert_close(feats, expected)
+        cls, _, _ = extract_features(pre, loader, "cpu")  # the default: [CLS] after the final norm
+        torch.testing.assert_close(cls, bb.forward_features(images[:4])[:, 0])
+        with pytest.raises(ValueError, match="pool must be one of cls, mean"):
+            extract_features(pre, loader, "cpu", pool="max")
         clf = _randomize(build_classifier(tiny_model_cfg, 3)).eval()
-        f2, _, _ = extract_features(clf, loader[:1], "cpu")
+        f2, _, _ = extract_features(clf, loader[:1], "cpu", pool="mean")
         torch.testing.assert_close(f2, clf.fc_norm(clf.forward_features(images[:3])[:, 1:].mean(1)))

@@ -202,10 +202,11 @@ def test_mismatched_shards_are_refused_in_one_line(shards, tmp_path):
                            f"data/make_shards.py from a matching store\n")
     ss = open_shards(ws / "shards/train")
     check_tokens(ss, grid=4, vocab=64, kind="pixel_kmeans", fingerprint=fp[:8], codebook=str(ws / "codebook.pt"),
-                 token_store=str(ws / "tokens"))  # the matching recipe passes
+                 token_store=str(ws / "tokens"), pixel_norm="luma")  # the matching recipe passes
     for kw, msg in [({"grid": 14}, "has a 4x4 token grid but the model's patch grid is 14x14"),
                     ({"kind": "kclip"}, "holds k-means tokens of a 'pixel' extractor, but tokenizer.kind=kclip"),
-                    ({"fingerprint": "0123abcd"}, "does not match tokenizer.fingerprint=0123abcd")]:
+                    ({"fingerprint": "0123abcd"}, "does not match tokenizer.fingerprint=0123abcd"),
+                    ({"pixel_norm": "patch"}, "holds tokens made with pixel_norm=luma but tokenizer.pixel_norm=patch")]:
         with pytest.raises(ShardSetError, match=msg):
             check_tokens(ss, **{"grid": 4, "vocab": 64, **kw})
     # the store's tokenizer view travels in the manifest; a random-resized-crop run is refused

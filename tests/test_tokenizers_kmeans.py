@@ -95,7 +95,7 @@ def test_auto_says_cpu_fallback_before_the_fit(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
     with pytest.warns(UserWarning, match=r"faiss build has no GPU support, so k-means runs on the CPU .*"
-                                         r"pip uninstall -y faiss-cpu && pip install faiss-gpu-cu13-cuvs"):
+                                         r"pip uninstall -y faiss-cpu && pip install faiss-gpu \(the .*gpu.* extra\)"):
         fit_codebook(x, 4, niter=2, nredo=1, use_gpu="auto")
 
     class Stop(Exception):
@@ -105,12 +105,13 @@ def test_auto_says_cpu_fallback_before_the_fit(monkeypatch, capsys, tmp_path):
         raise Stop
 
     monkeypatch.setattr(T, "sample_features", no_sampling)
+    monkeypatch.setenv("MAPET_DEBUG", "1")  # re-raise the test's own exception instead of a traceback file
     monkeypatch.setattr(T, "PixelPatchExtractor", lambda *a, **k: type("E", (), {"spec": lambda self: {}})())
     with pytest.raises(Stop):
         _cli().main(["fit", "--filelist", str(write_filelist(tmp_path / "l.txt", [("a.jpg", 0)])), "--out", "cb.pt"])
     out = capsys.readouterr().out
     assert out.startswith("[fit] note: torch sees a CUDA GPU but this faiss build has no GPU support")
-    assert "pip install faiss-gpu-cu13-cuvs" in out
+    assert "pip install faiss-gpu (the .[gpu] extra)" in out
 
 
 def test_codebook_save_load(tmp_path):
@@ -158,6 +159,38 @@ def test_pixel_extractor_row_major_and_normalised():
     with pytest.raises(FeatureError, match="multiple of patch_size"):
         PixelPatchExtractor(patch_size=7, img_size=32)
     assert build_extractor(ext.spec()).spec() == ext.spec()
+
+
+@pytest.mark.parametrize("norm", ["luma", "channel", "patch"])
+def test_pixel_norm_modes_flat_colour_and_spec_round_trip(norm):
+    # flat patches of different colours, then a luma edge
+    img = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    img[0, :, :8, :8] = torch.tensor([200, 30, 30], dtype=torch.uint8).view(3, 1, 1)
+    img[0, :, :8, 8:] = torch.tensor([20, 60, 220], dtype=torch.uint8).view(3, 1, 1)
+    img[0, :, 8:, :8] = torch.tensor([90, 200, 40], dtype=torch.uint8).view(3, 1, 1)
+    img[0, :, 8:, 12:] = 255
+    ext = PixelPatchExtractor(patch_size=8, img_size=16, norm=norm, device="cpu")
+    f = ext.extract(img)
+    assert f.shape == (1, 4, ext.dim) and ext.dim == (64 if norm == "luma" else 192)
+    flat = f[0, :3].abs().amax().item()
+    if norm == "patch":
+        assert flat > 1.0  # the hue survives: the old behaviour, kept for old codebooks
+    else:
+        assert flat < 1e-5  # a flat patch of any colour is the zero vector
+    assert f[0, 3].abs().amax() > 0.5  # the edge patch keeps its structure
+    if norm == "luma":
+        luma = (0.299 * img[0, 0, 8:, 8:].float() + 0.587 * img[0, 1, 8:, 8:].float()
+                + 0.114 * img[0, 2, 8:, 8:].float()).div(255).reshape(-1)
+        torch.testing.assert_close(f[0, 3], (luma - luma.mean()) / (luma.var(unbiased=False) + ext.eps).sqrt())
+    spec = ext.spec()
+    assert spec.get("pixel_norm", "patch") == norm and ("pixel_norm" in spec) == (norm != "patch")
+    again = build_extractor(spec, device="cpu")
+    assert again.norm == norm and again.spec() == spec
+    torch.testing.assert_close(again.extract(img), f)
+    with pytest.raises(FeatureError, match="pixel_norm 'hsv'"):
+        build_extractor({**spec, "pixel_norm": "hsv"})
+    with pytest.raises(FeatureError, match="not one of patch, channel, luma"):
+        PixelPatchExtractor(8, 16, norm="rgb")
 
 
 @pytest.fixture(scope="module")
@@ -255,10 +288,10 @@ def image_set(tmp_path_factory):
     return root / "train.txt"
 
 
-def _fit_pixel(tmp_path, image_set, k=12):
-    out = tmp_path / "cb.pt"
+def _fit_pixel(tmp_path, image_set, k=12, norm="patch", name="cb.pt"):
+    out = tmp_path / name
     _cli().main(["fit", "--filelist", str(image_set), "--extractor", "pixel", "--img-size", "32", "--patch-size", "8",
-                 "--k", str(k), "--niter", "10", "--nredo", "1", "--batch-size", "8", "--num-threads", "1", "--device", "cpu",
+                 "--pixel-norm", norm, "--k", str(k), "--niter", "10", "--nredo", "1", "--batch-size", "8", "--num-threads", "1", "--device", "cpu",
                  "--out", str(out)])
     return out
 
@@ -294,8 +327,20 @@ def test_pixel_fit_assign_store_rows_line_up(tmp_path, image_set, capsys):
     assert store.spec["codebook"]["centroids_sha256"] == cb.fingerprint()
     # resuming into this store with another codebook of the same size is refused
     other = KMeansTokenizer(ext, Codebook(cb.centroids[::-1].copy(), cb.meta))
-    with pytest.raises(TokenStoreError, match=rf"written with another tokenizer \(kmeans, {cb.fingerprint()[:12]}\)"):
+    with pytest.raises(TokenStoreError,
+                       match=rf"written with another tokenizer \(kmeans, pixel_norm=patch, {cb.fingerprint()[:12]}\)"):
         assign_tokens(fl, other, tmp_path / "tok", progress=False)
+    # a store made with one pixel normalisation is refused for another, in one line
+    assert TokenStore.open(tmp_path / "tok", pixel_norm="patch").complete
+    with pytest.raises(TokenStoreError, match=r"made with pixel_norm=patch but tokenizer.pixel_norm=luma: .*"
+                                              r"--pixel-norm luma") as err:
+        TokenStore.open(tmp_path / "tok", filelist=fl, pixel_norm="luma")
+    assert "\n" not in str(err.value)
+    luma = Codebook.load(_fit_pixel(tmp_path, image_set, norm="luma", name="luma.pt"))
+    assert luma.meta["extractor"]["pixel_norm"] == "luma" and luma.dim == 64
+    with pytest.raises(TokenStoreError, match=r"another tokenizer \(kmeans, pixel_norm=patch, .*pixel_norm=luma"):
+        assign_tokens(fl, KMeansTokenizer(build_extractor(luma.meta["extractor"], device="cpu"), luma),
+                      tmp_path / "tok", progress=False)
     table = store.rows(torch.arange(30))
     assert table.min() >= 0 and table.max() < 12
     assert len({tuple(r) for r in table.tolist()}) > 20  # images differ, so the check below means something

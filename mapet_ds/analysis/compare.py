@@ -302,7 +302,8 @@ def knn_for_run(cfg: RunConfig, tag_dir: Path, *, k: int = 20, T: float = 0.07, 
         loader = eval_loader(filelist, img_size=cfg.model.img_size, batch_size=batch_size, shard_id=0, num_shards=1,
                              num_threads=d.num_threads, device=d.decode, crop_pct=d.crop_pct,
                              interpolation=d.interpolation, mean=d.mean, std=d.std)
-        return extract_features(model, loader, device,
+        # mean-pooled, as the sweep's figures in bench/RESULTS.md were measured (k-NN's default is now [CLS])
+        return extract_features(model, loader, device, pool="mean",
                                 autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
 
     train_f, train_y, _ = features(read_filelist(d.train_list, d.root))

@@ -200,7 +200,7 @@ def load_token_table(cfg: RunConfig, filelist, device: torch.device) -> torch.Te
     from mapet_ds.pipelines.graphs import pretrain_view_spec
 
     store = TokenStore.open(tk.token_store, filelist=filelist, grid=cfg.model.grid,
-                            view=pretrain_view_spec(cfg.data.random_resized_crop))
+                            view=pretrain_view_spec(cfg.data.random_resized_crop), pixel_norm=tk.pixel_norm)
     if store.vocab > tk.vocab_size:
         raise ConfigError(f"token store {tk.token_store} has vocab {store.vocab} > tokenizer.vocab_size="
                           f"{tk.vocab_size}; set tokenizer.vocab_size={store.vocab}")
@@ -236,7 +236,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> Trainer:
 
             check_tokens(shards, grid=cfg.model.grid, vocab=tk.vocab_size, kind=tk.kind, fingerprint=tk.fingerprint,
                          codebook=tk.codebook, token_store=tk.token_store,
-                         view=pretrain_view_spec(d.random_resized_crop))
+                         view=pretrain_view_spec(d.random_resized_crop), pixel_norm=tk.pixel_norm)
         fl, table = None, None
     else:
         if d.train_list is None:

@@ -57,7 +57,7 @@ class Trainer:
         self,
         cfg: RunConfig,
         section: str,
-        ds_config_path: str,
+        ds_config_path: str | dict,
         model: torch.nn.Module,
         dist: DistInfo,
         build_loader: LoaderFactory,
@@ -68,7 +68,12 @@ class Trainer:
         log_hook: Optional[Callable[["Trainer", dict], dict]] = None,
         step_hook: Optional[Callable[["Trainer"], None]] = None,
         client_state_fn: Optional[Callable[[], dict]] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
     ):
+        """``ds_config_path``: a DeepSpeed JSON path, or its already-loaded dict (a job that
+        must adjust it, e.g. linear probing's ZeRO-0). ``optimizer``: a client optimizer over
+        ``model``'s trainable parameters instead of AdamW (linear probing's LARS); the
+        schedule scales its groups' lr as for AdamW."""
         self.cfg = cfg
         self.section = section
         self.train: TrainConfig = getattr(cfg, section)
@@ -83,10 +88,14 @@ class Trainer:
 
         # A checkpoint from another world size or ZeRO stage resumes elastically (engine/elastic.py)
         tag_dir = self._resume_target()
-        ds_json = load_ds_json(ds_config_path)
+        if isinstance(ds_config_path, dict):
+            ds_src = str(ds_config_path.get("_source", "ds_config"))  # the file it was read from, for messages
+            ds_json = {k: v for k, v in ds_config_path.items() if k != "_source"}
+        else:
+            ds_json, ds_src = load_ds_json(ds_config_path), str(ds_config_path)
         self.elastic = elastic.ElasticResume.detect(tag_dir, ds_json, self.train, dist.world_size, section)
         ds = resolve_ds_config(ds_json, self.elastic.train if self.elastic else self.train, cfg.optim,
-                               dist.world_size, dist.device, src=str(ds_config_path), section=section)
+                               dist.world_size, dist.device, src=ds_src, section=section)
         self.precision = "bf16" if ds["bf16"]["enabled"] else ("fp16" if ds["fp16"]["enabled"] else "fp32")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
         self.micro_batch = ds["train_micro_batch_size_per_gpu"]
@@ -105,7 +114,7 @@ class Trainer:
         self._own_grad_norm: Optional[float] = None
         if self._own_nonfinite_check:
             ds = {**ds, "gradient_clipping": 0.0}
-        self.optimizer = build_optimizer(model, cfg.optim, layer_decay)
+        self.optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg.optim, layer_decay)
         if self.elastic:
             ds = self.elastic.engine_config(ds, self.precision)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds)

@@ -86,14 +86,16 @@ def open_shards(path: str | os.PathLike | ShardSet) -> ShardSet:
 
 
 def check_tokens(ss: ShardSet, *, grid: int, vocab: int, kind: str | None = None, fingerprint: str | None = None,
-                 codebook: str | None = None, token_store: str | None = None, view: dict | None = None) -> None:
+                 codebook: str | None = None, token_store: str | None = None, view: dict | None = None,
+                 pixel_norm: str | None = None) -> None:
     """Refuse (one line) shards whose tokens were not made for this recipe.
 
     grid and vocab must equal the model's; ``kind`` (pixel_kmeans / kclip) must match the
     extractor; ``fingerprint`` (tokenizer.fingerprint, a prefix is enough), the codebook
     file and a token store named by the recipe must all name the shards' tokenizer; the
     tokenizer view the store recorded must be the training ``view``
-    (``pipelines.graphs.pretrain_view_spec``).
+    (``pipelines.graphs.pretrain_view_spec``); ``pixel_norm`` (tokenizer.pixel_norm) must
+    be the pixel extractor's normalisation.
     """
     from mapet_ds.tokenizers.store import spec_fingerprint, view_mismatch
 
@@ -115,6 +117,14 @@ def check_tokens(ss: ShardSet, *, grid: int, vocab: int, kind: str | None = None
     want = {"pixel_kmeans": "pixel", "kclip": "clip"}.get(kind or "")
     if want is not None and spec.get("kind") == "kmeans" and extractor != want:
         raise ShardSetError(f"{where} holds k-means tokens of a {extractor!r} extractor, but tokenizer.kind={kind}")
+    if pixel_norm is not None:
+        from mapet_ds.tokenizers.features import pixel_norm_of
+
+        have = pixel_norm_of(spec.get("extractor") or {})
+        if have != pixel_norm:
+            made = f"pixel_norm={have}" if have else "a non-pixel tokenizer"
+            raise ShardSetError(f"{where} holds tokens made with {made} but tokenizer.pixel_norm={pixel_norm}: "
+                                f"{FIX} from a store of that normalisation")
     if fingerprint and not tk["fingerprint"].startswith(fingerprint.lower()):
         raise ShardSetError(f"{where} does not match tokenizer.fingerprint={fingerprint}: use the shards made for "
                             f"that tokenizer, or set tokenizer.fingerprint={tk['fingerprint'][:12]}")

@@ -14,7 +14,14 @@ from mapet_ds.tokenizers.codebook import (
     sample_plan,
 )
 from mapet_ds.tokenizers.diagnostics import code_usage, format_usage, usage_scalars
-from mapet_ds.tokenizers.features import ClipExtractor, FeatureError, PixelPatchExtractor, build_extractor
+from mapet_ds.tokenizers.features import (
+    PIXEL_NORMS,
+    ClipExtractor,
+    FeatureError,
+    PixelPatchExtractor,
+    build_extractor,
+    pixel_norm_of,
+)
 from mapet_ds.tokenizers.store import TokenStore, TokenStoreError, assign_tokens
 
 __all__ = [
@@ -24,6 +31,8 @@ __all__ = [
     "FeatureError",
     "KMeansTokenizer",
     "PixelPatchExtractor",
+    "PIXEL_NORMS",
+    "pixel_norm_of",
     "TokenStore",
     "TokenStoreError",
     "assign_tokens",

@@ -33,7 +33,7 @@ def _faiss():
     try:
         import faiss
     except ImportError as e:  # pragma: no cover - a dependency of the project
-        raise CodebookError("k-means tokenizers need faiss (pip install faiss-cpu, or faiss-gpu-cu13-cuvs)") from e
+        raise CodebookError("k-means tokenizers need faiss (pip install faiss-cpu, or faiss-gpu)") from e
     return faiss
 
 
@@ -43,7 +43,7 @@ def faiss_num_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-FAISS_GPU_INSTALL = "pip uninstall -y faiss-cpu && pip install faiss-gpu-cu13-cuvs (the .[gpu] extra)"
+FAISS_GPU_INSTALL = "pip uninstall -y faiss-cpu && pip install faiss-gpu (the .[gpu] extra)"
 
 
 def faiss_cpu_fallback_note() -> str | None:
@@ -68,7 +68,7 @@ def _resolve_use_gpu(use_gpu: bool | str) -> bool:
     if use_gpu and n == 0:
         raise CodebookError(
             "use_gpu=True but this faiss build sees no GPU (install the `gpu` extra: "
-            "pip uninstall faiss-cpu && pip install faiss-gpu-cu13-cuvs), or pass use_gpu='auto'"
+            "pip uninstall faiss-cpu && pip install faiss-gpu), or pass use_gpu='auto'"
         )
     return bool(use_gpu)
 

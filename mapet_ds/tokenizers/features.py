@@ -67,26 +67,45 @@ def _check_images(images: torch.Tensor, size: int) -> None:
         )
 
 
-class PixelPatchExtractor:
-    """Weight-free features: each patch's raw pixels, normalised per patch.
+PIXEL_NORMS = ("patch", "channel", "luma")
+# ITU-R BT.601 luma weights (what PIL's "L" conversion uses).
+_LUMA = (0.299, 0.587, 0.114)
 
-    Each patch's p*p*3 values are centred by their mean and scaled by their standard
-    deviation (one mean/std per patch over all its values, as MAE's normalised-pixel
-    target). Why: on raw pixels the largest distances between patches are brightness
-    and contrast, so k-means would spend most codes on intensity levels; after the
-    per-patch normalisation distances measure structure (edges, texture, the relative
-    colour of the channels). Flat patches all map near the zero vector, one code.
+
+class PixelPatchExtractor:
+    """Weight-free features: each patch's pixels, normalised per patch (``norm``).
+
+    ``norm`` says which values share one mean/std (``var + eps`` floor):
+
+    - ``"patch"``: all ``3*p*p`` values of the patch together (MAE's normalised-pixel
+      target). Brightness and contrast go, but the *relative* colour of the channels
+      stays: a flat red patch is not a flat blue one, so k-means spends codes on hue.
+      Codebooks fitted before the option existed (no ``pixel_norm`` in their spec) are
+      this mode.
+    - ``"channel"``: each channel of the patch on its own (``3*p*p`` dims). A flat patch
+      of any colour maps to the zero vector; colour edges keep their structure.
+    - ``"luma"``: the patch converted to luma (0.299 R + 0.587 G + 0.114 B), then one
+      mean/std (``p*p`` dims). Structure tokens: a flat patch of any colour maps to
+      zero and iso-luminant colour changes vanish, so codes describe edges and texture.
+
+    Why normalise at all: on raw pixels the largest distances between patches are
+    brightness and contrast, so k-means would spend most codes on intensity levels.
     """
 
     kind = "pixel"
 
-    def __init__(self, patch_size: int = 16, img_size: int = 224, *, eps: float = 1e-2, device="auto"):
+    def __init__(self, patch_size: int = 16, img_size: int = 224, *, eps: float = 1e-2, norm: str = "patch",
+                 device="auto"):
         if patch_size <= 0 or img_size <= 0 or img_size % patch_size:
             raise FeatureError(f"img_size {img_size} must be a positive multiple of patch_size {patch_size}")
+        if norm not in PIXEL_NORMS:
+            raise FeatureError(f"pixel normalisation {norm!r} is not one of {', '.join(PIXEL_NORMS)}")
         self.patch_size = int(patch_size)
         self.input_size = int(img_size)
         self.grid = self.input_size // self.patch_size
-        self.dim = 3 * self.patch_size * self.patch_size
+        self.norm = norm
+        self.channels = 1 if norm == "luma" else 3
+        self.dim = self.channels * self.patch_size * self.patch_size
         # Variance floor on [0, 1] pixels: keeps near-flat patches (JPEG noise) from being
         # blown up to unit contrast.
         self.eps = float(eps)
@@ -94,19 +113,24 @@ class PixelPatchExtractor:
 
     @torch.inference_mode()
     def extract(self, images: torch.Tensor) -> torch.Tensor:
-        """images: uint8 [B, 3, S, S] -> float32 [B, grid*grid, 3*p*p] (on self.device)."""
+        """images: uint8 [B, 3, S, S] -> float32 [B, grid*grid, C*p*p] (C = 1 for luma, else 3; on self.device)."""
         _check_images(images, self.input_size)
         x = to_device(images, self.device).float().div_(255.0)
+        if self.norm == "luma":
+            x = (x * x.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)  # [B, 1, S, S]
         p = self.patch_size
-        # [B, 3*p*p, grid*grid] with each column one patch; cells in row-major order.
+        # [B, C*p*p, grid*grid] with each column one patch, channel-major; cells in row-major order.
         cols = F.unfold(x, kernel_size=p, stride=p)
-        patches = cols.transpose(1, 2)  # [B, grid*grid, 3*p*p]
+        patches = cols.transpose(1, 2)  # [B, grid*grid, C*p*p]
+        if self.norm == "channel":
+            patches = patches.unflatten(-1, (3, p * p))  # [B, cells, 3, p*p]
         mean = patches.mean(dim=-1, keepdim=True)
         var = patches.var(dim=-1, keepdim=True, unbiased=False)
-        return ((patches - mean) / (var + self.eps).sqrt()).contiguous()
+        out = (patches - mean) / (var + self.eps).sqrt()
+        return out.flatten(2).contiguous()
 
     def spec(self) -> dict[str, Any]:
-        return {
+        spec = {
             "kind": self.kind,
             "patch_size": self.patch_size,
             "input_size": self.input_size,
@@ -115,6 +139,18 @@ class PixelPatchExtractor:
             "eps": self.eps,
             "normalisation": "per-patch mean/std",
         }
+        if self.norm != "patch":
+            # "patch" leaves the key out so the specs (and fingerprints) of codebooks, token
+            # stores and shards made before the option existed stay what they were.
+            spec["pixel_norm"] = self.norm
+            spec["normalisation"] = {"channel": "per-patch per-channel mean/std",
+                                     "luma": "per-patch mean/std of luma"}[self.norm]
+        return spec
+
+
+def pixel_norm_of(spec: dict[str, Any]) -> str | None:
+    """The pixel normalisation of an extractor spec ("patch" when it predates the option); None if not pixel."""
+    return spec.get("pixel_norm", "patch") if spec.get("kind") == "pixel" else None
 
 
 class ClipExtractor:
@@ -273,7 +309,12 @@ def build_extractor(spec: dict[str, Any], *, clip_weights: str | None = None, de
     """
     kind = spec.get("kind")
     if kind == "pixel":
-        return PixelPatchExtractor(spec["patch_size"], spec["input_size"], eps=spec.get("eps", 1e-2), device=device)
+        norm = pixel_norm_of(spec)
+        if norm not in PIXEL_NORMS:
+            raise FeatureError(f"tokenizer spec has pixel_norm {norm!r}: expected one of {', '.join(PIXEL_NORMS)} "
+                               f"(a codebook from a newer mapet_ds?)")
+        return PixelPatchExtractor(spec["patch_size"], spec["input_size"], eps=spec.get("eps", 1e-2), norm=norm,
+                                   device=device)
     if kind == "clip":
         weights = spec.get("weights") or {}
         pretrained = clip_weights or weights.get("path") or weights.get("tag")

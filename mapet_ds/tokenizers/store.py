@@ -160,13 +160,15 @@ class TokenStore:
         grid: int | None = None,
         vocab: int | None = None,
         view: dict[str, Any] | None = None,
+        pixel_norm: str | None = None,
         allow_incomplete: bool = False,
     ) -> "TokenStore":
         """Open a store, checking it against the file list / model / training view it will be used with.
 
         ``view`` (e.g. ``pipelines.graphs.pretrain_view_spec(...)``): each of its keys must
         equal the tokenizer view recorded at assign time, else the tokens belong to other
-        pixels than the patches they would train.
+        pixels than the patches they would train. ``pixel_norm`` (tokenizer.pixel_norm):
+        the pixel tokenizer's normalisation the store must have been made with.
         """
         path = os.fspath(path)
         meta_path = os.path.join(path, cls.META)
@@ -202,6 +204,17 @@ class TokenStore:
             )
         if view is not None:
             view_mismatch(f"token store {path}", meta, view, FIX, TokenStoreError)
+        if pixel_norm is not None:
+            from mapet_ds.tokenizers.features import pixel_norm_of
+
+            have = pixel_norm_of((meta.get("spec") or {}).get("extractor") or {})
+            if have != pixel_norm:
+                made = f"pixel_norm={have}" if have else "a non-pixel tokenizer"
+                raise TokenStoreError(
+                    f"token store {path} was made with {made} but tokenizer.pixel_norm={pixel_norm}: fit a codebook "
+                    f"with `launch/tokens.py fit --pixel-norm {pixel_norm}` and assign it to a new store, or set "
+                    f"tokenizer.pixel_norm={have or 'null'}"
+                )
         store = cls(path, meta)
         if not allow_incomplete and not store.complete:
             done = int(store.complete_rows().sum())
@@ -455,7 +468,11 @@ def assign_tokens(
 def _short(spec: dict) -> str:
     """A few words naming a tokenizer spec for error messages."""
     cb = (spec.get("codebook") or {}).get("centroids_sha256") or spec.get("weights_sha256") or ""
-    return f"{spec.get('kind')}, {cb[:12]}" if cb else str(spec.get("kind"))
+    from mapet_ds.tokenizers.features import pixel_norm_of
+
+    norm = pixel_norm_of(spec.get("extractor") or {})
+    kind = f"{spec.get('kind')}, pixel_norm={norm}" if norm else str(spec.get("kind"))
+    return f"{kind}, {cb[:12]}" if cb else kind
 
 
 def spec_fingerprint(spec: dict) -> str:
