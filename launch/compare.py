@@ -5,6 +5,7 @@ else identical, fine-tune (and k-NN) each result, write a table and a figure.
     python launch/compare.py --config RECIPE.yaml --finetune-config FT_RECIPE.yaml \
         --objectives mim,pet,mapet --seeds 0,1,2 --out runs/compare \
         [--budget steps|compute] [--launcher "deepspeed --num_gpus 8"] [--knn|--no-knn] \
+        [--linprobe-config LP_RECIPE.yaml [--linprobe-full]] \
         [section.key=value ...]          # applied to pre-training and fine-tuning alike
 
 Re-run the same command to resume a sweep: finished runs are skipped, partial ones resume.
@@ -38,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--finetune-ds-config", default=None, help="default: --ds_config")
     ap.add_argument("--knn", action=argparse.BooleanOptionalAction, default=None,
                     help="k-NN eval of each pre-trained backbone (default: on for small data sets with a val list)")
+    ap.add_argument("--linprobe-config", default=None,
+                    help="linear-probe recipe (launch/recipes/*_linprobe.yaml): adds a linear-probe column")
+    ap.add_argument("--linprobe-full", action="store_true",
+                    help="probe with MAE's full protocol (augmented views every step) instead of cached features")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for both phases, e.g. data.num_threads=8")
     return ap.parse_args(argv)
@@ -63,17 +68,21 @@ def main(argv=None) -> int:
     try:
         guard = InputGuard()
         for path, what in ((a.config, "the --config recipe"), (a.finetune_config, "the --finetune-config recipe"),
-                           (a.ds_config, "the --ds_config file"), (a.finetune_ds_config, "the --finetune-ds-config file")):
+                           (a.ds_config, "the --ds_config file"), (a.finetune_ds_config, "the --finetune-ds-config file"),
+                           (a.linprobe_config, "the --linprobe-config recipe")):
             guard.add(path, what)
         guard.check_folder(a.out, SWEEP_OUTPUTS)
         plan = build_plan(a.config, parse_list(a.objectives, "objectives"), parse_list(a.seeds, "seeds", int),
                           a.out, finetune_config=a.finetune_config, budget=a.budget, overrides=a.overrides,
-                          compute_reference=a.compute_reference)
+                          compute_reference=a.compute_reference, linprobe_config=a.linprobe_config,
+                          linprobe_cached=not a.linprobe_full)
         knn, why = (a.knn, "on (--knn)" if a.knn else "off (--no-knn)") if a.knn is not None else \
             knn_default(load_config(a.config, a.overrides))
         sweep = Sweep(plan, resolve_launcher(a.launcher), a.ds_config, a.finetune_ds_config or a.ds_config, knn)
         print(f"[compare] {len(plan.runs)} runs, budget {plan.budget}: "
-              + ", ".join(f"{o} {plan.steps[o]} steps" for o in plan.steps) + f"; k-NN {why}", flush=True)
+              + ", ".join(f"{o} {plan.steps[o]} steps" for o in plan.steps) + f"; k-NN {why}"
+              + (f"; linear probe ({'full protocol' if a.linprobe_full else 'cached features'})"
+                 if a.linprobe_config else ""), flush=True)
         if a.dry_run:
             for spec in plan.runs:
                 for phase, cmd in sweep.commands(spec).items():

@@ -208,3 +208,57 @@ def test_table_mean_and_std_recomputed_from_the_runs_files(tmp_path):
         assert cells["fine-tune top-1 %"] == "{:.2f} ± {:.2f}".format(*e["finetune_top1"])
         assert cells["k-NN top-1 %"] == "{:.2f} ± {:.2f}".format(*e["knn_top1"])
         assert cells["steps"] == "12"
+
+LINPROBE_RECIPE = """\
+_base_: compare_pt.yaml
+data: {rand_augment: null}
+optim: {warmup_steps: 1, warmup_lr: 0.0, min_lr: 0.0, weight_decay: 0.0, clip_grad: null}
+linprobe: {global_batch_size: 16, max_steps: 4, log_every: 2, save_every: 100, eval_every: 100, blr: 6.4}
+"""
+
+
+def test_sweep_linear_probe_column(demo_workspace, monkeypatch, capsys):
+    """--linprobe-config adds a cached linear probe per run: its own phase, CSV/Markdown column,
+    a bar in the figure, skipped on a re-run."""
+    ws = demo_workspace
+    monkeypatch.chdir(ws)
+    (ws / "compare_pt.yaml").write_text(RECIPE)
+    (ws / "compare_lp.yaml").write_text(LINPROBE_RECIPE)
+    args = ["--config", "compare_pt.yaml", "--objectives", "mapet", "--seeds", "0", "--out", "runs/compare_lp",
+            "--launcher", "python", "--no-knn", "--linprobe-config", "compare_lp.yaml"]
+    cli = _cli()
+    assert cli.main([*args, "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "linear probe (cached features)" in dry
+    lp_cmd = next(x for x in dry.splitlines() if x.startswith("mapet_seed0 linprobe: "))
+    for part in ("launch/linprobe.py", "--config compare_lp.yaml", "linprobe.seed=0",
+                 "linprobe.init=runs/compare_lp/pretrain/mapet_seed0", "linprobe.cache_features=true",
+                 "linprobe.output_dir=runs/compare_lp/linprobe/mapet_seed0"):
+        assert part in lp_cmd, (part, lp_cmd)
+    assert cli.main([*args, "linprobe.init=x"]) == 2
+    assert "the sweep sets linprobe.init itself" in capsys.readouterr().err
+
+    assert cli.main(args) == 0
+    out = ws / "runs/compare_lp"
+    assert "1/1 linprobe mapet seed 0: running" in capsys.readouterr().out
+    (row,) = list(csv.DictReader((out / "results.csv").open()))
+    probe = __import__("json").loads((out / "linprobe/mapet_seed0/summary.json").read_text())
+    assert probe["cache_features"] is True and probe["init"] == "runs/compare_lp/pretrain/mapet_seed0"
+    assert float(row["linprobe_top1"]) == pytest.approx(probe["top1"]) and row["status"] == "ok"
+    assert float(row["linprobe_top5"]) == pytest.approx(probe["top5"]) and float(row["linprobe_wall_s"]) > 0
+    md = (out / "results.md").read_text()
+    assert "| k-NN top-1 % | linear probe top-1 % |" in md and "cached features (eval view, no augmentation)" in md
+    assert f"| {probe['top1']:.2f} |" in md
+
+    # the re-run skips the probe too
+    assert cli.main(args) == 0
+    assert "1/1 linprobe mapet seed 0: finished earlier, skipped" in capsys.readouterr().out
+
+
+def test_markdown_without_probe_has_no_probe_column(demo_workspace, monkeypatch):
+    from mapet_ds.analysis.report import markdown
+
+    monkeypatch.chdir(demo_workspace)
+    (demo_workspace / "compare_pt.yaml").write_text(RECIPE)
+    plan = build_plan("compare_pt.yaml", ["mim"], [0], "runs/plan_no_probe")
+    assert plan.runs[0].linprobe_dir == "" and "linear probe" not in markdown(plan, [])

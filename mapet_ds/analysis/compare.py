@@ -9,12 +9,13 @@ Layout under ``--out``::
 
     plan.json                      budget, steps and FLOPs per objective, commands
     pretrain/<obj>_seed<s>/        pre-training run dirs     finetune/<obj>_seed<s>/
+    linprobe/<obj>_seed<s>/        linear probes (--linprobe-config; cached features by default)
     knn/<obj>_seed<s>.json         k-NN of the pre-trained backbone
     logs/<phase>_<obj>_seed<s>.log subprocess output          state.json  wall times
     results.csv  results.md  comparison.png
 
 Re-running the same command skips finished runs (pre-train: a complete checkpoint at
-the final step; fine-tune: summary.json; k-NN: its JSON for that checkpoint) and resumes
+the final step; fine-tune, linear probe: summary.json; k-NN: its JSON for that checkpoint) and resumes
 partial ones (the CLIs auto-resume). A run dir whose config.yaml differs from what the
 sweep would run is an error, never silently reused.
 
@@ -49,7 +50,8 @@ OBJECTIVES = ("mim", "pet", "mapet")
 KNN_AUTO_MAX_IMAGES = 200_000  # above this, extracting train features costs a real fraction of an epoch
 # Set by the sweep itself; a user override of these would break the comparison or the skip logic.
 RESERVED = ("objective.name", "pretrain.seed", "finetune.seed", "pretrain.output_dir", "finetune.output_dir",
-            "finetune.init", "pretrain.resume", "finetune.resume")
+            "finetune.init", "pretrain.resume", "finetune.resume", "linprobe.seed", "linprobe.init",
+            "linprobe.output_dir", "linprobe.resume", "linprobe.cache_features")
 
 
 class SweepError(ValueError):
@@ -105,6 +107,8 @@ class RunSpec:
     knn_file: str
     pretrain_overrides: list[str]
     finetune_overrides: list[str]
+    linprobe_dir: str = ""  # empty: no linear probe in this sweep
+    linprobe_overrides: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -127,6 +131,8 @@ class SweepPlan:
     steps: dict[str, int]
     overrides: list[str]
     runs: list[RunSpec] = field(default_factory=list)
+    linprobe_config: Optional[str] = None
+    linprobe_cached: bool = True
 
 
 def parse_list(text: str, what: str, cast=str) -> list:
@@ -144,7 +150,8 @@ def parse_list(text: str, what: str, cast=str) -> list:
 
 def build_plan(config: str, objectives: Sequence[str], seeds: Sequence[int], out: str, *,
                finetune_config: Optional[str] = None, budget: str = "steps", overrides: Sequence[str] = (),
-               compute_reference: Optional[str] = None) -> SweepPlan:
+               compute_reference: Optional[str] = None, linprobe_config: Optional[str] = None,
+               linprobe_cached: bool = True) -> SweepPlan:
     """Resolve the recipe, the step count per objective and every run's overrides."""
     from mapet_ds.filelist import read_filelist
 
@@ -160,6 +167,8 @@ def build_plan(config: str, objectives: Sequence[str], seeds: Sequence[int], out
     # every objective's config and the fine-tune config must load now, not after hours of pre-training
     cfgs = {o: load_config(config, [*overrides, f"objective.name={o}"]) for o in objectives}
     load_config(finetune_config or config, overrides)
+    if linprobe_config is not None:
+        load_config(linprobe_config, overrides)
     cfg = cfgs[objectives[0]]
     if cfg.data.train_list is None:
         raise SweepError(f"{config}: data.train_list is not set")
@@ -173,7 +182,8 @@ def build_plan(config: str, objectives: Sequence[str], seeds: Sequence[int], out
         steps = {o: ref_steps for o in objectives}
     plan = SweepPlan(out=str(out), config=str(config), finetune_config=str(finetune_config or config),
                      budget=budget, reference=reference, reference_steps=ref_steps, step_flops=step_flops,
-                     steps=steps, overrides=list(overrides))
+                     steps=steps, overrides=list(overrides), linprobe_config=linprobe_config,
+                     linprobe_cached=linprobe_cached)
     for s in seeds:  # seed-major: an interrupted sweep still has every objective at the first seeds
         for o in objectives:
             name = f"{o}_seed{s}"
@@ -186,6 +196,12 @@ def build_plan(config: str, objectives: Sequence[str], seeds: Sequence[int], out
                 finetune_overrides=[*overrides, f"finetune.seed={s}", f"finetune.init={pt}",
                                     f"finetune.output_dir={ft}"],
             ))
+            if linprobe_config is not None:
+                lp = Path(out) / "linprobe" / name
+                plan.runs[-1].linprobe_dir = str(lp)
+                plan.runs[-1].linprobe_overrides = [
+                    *overrides, f"linprobe.seed={s}", f"linprobe.init={pt}", f"linprobe.output_dir={lp}",
+                    f"linprobe.cache_features={'true' if linprobe_cached else 'false'}"]
     return plan
 
 
@@ -244,11 +260,13 @@ def _older_than_pretrain(path: Path, spec: RunSpec) -> bool:
 
 
 def check_finetune_fresh(spec: RunSpec) -> None:
-    """A fine-tune summary older than its pre-training checkpoint belongs to an earlier pre-training."""
-    summary = Path(spec.finetune_dir) / "summary.json"
-    if summary.is_file() and _older_than_pretrain(summary, spec):
-        raise SweepError(f"{spec.finetune_dir} is older than the pre-training it starts from ({spec.pretrain_dir} "
-                         f"was redone): delete {spec.finetune_dir} to fine-tune again")
+    """A fine-tune (or linear-probe) summary older than its pre-training checkpoint belongs to an
+    earlier pre-training."""
+    for run_dir, redo in ((spec.finetune_dir, "fine-tune"), (spec.linprobe_dir, "probe")):
+        summary = Path(run_dir) / "summary.json"
+        if run_dir and summary.is_file() and _older_than_pretrain(summary, spec):
+            raise SweepError(f"{run_dir} is older than the pre-training it starts from ({spec.pretrain_dir} "
+                             f"was redone): delete {run_dir} to {redo} again")
 
 
 def _write_json(obj, path: Path) -> None:
@@ -257,7 +275,7 @@ def _write_json(obj, path: Path) -> None:
 
 # What a sweep writes under --out (launch/compare.py refuses an --out whose entries hold its inputs).
 SWEEP_OUTPUTS = ("state.json", "plan.json", "results.csv", "results.md", "comparison.png", "logs", "pretrain",
-                 "finetune", "knn")
+                 "finetune", "knn", "linprobe")
 
 
 def read_json(path: Path, default=None):
@@ -336,12 +354,23 @@ class Sweep:
         _write_json(st, self.out / "state.json")
 
     def commands(self, spec: RunSpec) -> dict[str, list[str]]:
-        return {
+        cmds = {
             "pretrain": [*self.launcher, str(REPO / "launch/pretrain.py"), "--ds_config", self.ds_config,
                          "--config", self.plan.config, *spec.pretrain_overrides],
             "finetune": [*self.launcher, str(REPO / "launch/finetune.py"), "--ds_config", self.finetune_ds_config,
                          "--config", self.plan.finetune_config, *spec.finetune_overrides],
         }
+        if self.plan.linprobe_config is not None:
+            cmds["linprobe"] = [*self.launcher, str(REPO / "launch/linprobe.py"), "--ds_config",
+                                self.finetune_ds_config, "--config", self.plan.linprobe_config,
+                                *spec.linprobe_overrides]
+        return cmds
+
+    def _phase_args(self, spec: RunSpec, phase: str) -> tuple[str, list[str], str]:
+        """(recipe, overrides, run dir) of a phase."""
+        return {"pretrain": (self.plan.config, spec.pretrain_overrides, spec.pretrain_dir),
+                "finetune": (self.plan.finetune_config, spec.finetune_overrides, spec.finetune_dir),
+                "linprobe": (self.plan.linprobe_config, spec.linprobe_overrides, spec.linprobe_dir)}[phase]
 
     def write_plan(self) -> None:
         obj = asdict(self.plan)
@@ -352,12 +381,11 @@ class Sweep:
 
     def _phase(self, spec: RunSpec, phase: str, i: int, n: int) -> bool:
         """Run one pre-train or fine-tune phase unless finished; True when finished afterwards."""
-        recipe, ovr, run_dir = ((self.plan.config, spec.pretrain_overrides, spec.pretrain_dir) if phase == "pretrain"
-                                else (self.plan.finetune_config, spec.finetune_overrides, spec.finetune_dir))
+        recipe, ovr, run_dir = self._phase_args(spec, phase)
         check_run_dir(run_dir, recipe, ovr)
-        done = pretrain_finished if phase == "pretrain" else (lambda s: (Path(s.finetune_dir) / "summary.json").is_file())
+        done = pretrain_finished if phase == "pretrain" else (lambda s: (Path(run_dir) / "summary.json").is_file())
         what = f"[compare] {i}/{n} {phase} {spec.objective} seed {spec.seed}"
-        if phase == "finetune":
+        if phase != "pretrain":
             check_finetune_fresh(spec)
         if done(spec):
             self.log(f"{what}: finished earlier, skipped")
@@ -403,10 +431,12 @@ class Sweep:
         self.log(f"{what}: top-1 {res['top1']:.2f} ({res['wall_s']:.1f} s)")
 
     def run(self) -> bool:
-        """Every run in order (pre-train, k-NN, fine-tune per objective x seed); True if all finished."""
+        """Every run in order (pre-train, k-NN, fine-tune, linear probe per objective x seed); True if all finished."""
         for spec in self.plan.runs:  # a stale folder anywhere stops the sweep before anything runs
             check_run_dir(spec.pretrain_dir, self.plan.config, spec.pretrain_overrides)
             check_run_dir(spec.finetune_dir, self.plan.finetune_config, spec.finetune_overrides)
+            if spec.linprobe_dir:
+                check_run_dir(spec.linprobe_dir, self.plan.linprobe_config, spec.linprobe_overrides)
             check_finetune_fresh(spec)
         self.out.mkdir(parents=True, exist_ok=True)
         self.write_plan()
@@ -417,6 +447,8 @@ class Sweep:
             if self.knn:
                 self._knn(spec, i, n)
             self._phase(spec, "finetune", i, n)
+            if spec.linprobe_dir:
+                self._phase(spec, "linprobe", i, n)
         return not self.failures
 
 

@@ -2,7 +2,7 @@
 written as results.csv, results.md and comparison.png (see mapet_ds.analysis.compare).
 
 Numbers come from the runs' own files: metrics.jsonl (loss, token accuracy per step),
-TensorBoard (throughput), summary.json (fine-tune), knn/*.json, and the sweep's
+TensorBoard (throughput), summary.json (fine-tune, linear probe), knn/*.json, and the sweep's
 state.json (subprocess wall time, summed over invocations of a resumed run).
 """
 
@@ -24,13 +24,16 @@ from mapet_ds.safe_io import atomic_write_text
 
 COLUMNS = ("objective", "seed", "pretrain_steps", "pretrain_flops", "pretrain_loss", "token_acc",
            "finetune_top1", "finetune_top5", "finetune_best_top1", "knn_top1", "knn_top5",
-           "pretrain_wall_s", "pretrain_images_per_s", "finetune_wall_s", "status")
+           "linprobe_top1", "linprobe_top5", "pretrain_wall_s", "pretrain_images_per_s", "finetune_wall_s",
+           "linprobe_wall_s", "status")
 # (column, header, format) of the Markdown tables; accuracies are percentages
 MD_COLUMNS = (("pretrain_steps", "steps", "{:.0f}"), ("pretrain_flops", "pretrain FLOPs", "{:.3g}"),
               ("pretrain_loss", "pretrain loss", "{:.4f}"), ("token_acc", "token acc %", "{:.2f}"),
               ("finetune_top1", "fine-tune top-1 %", "{:.2f}"), ("finetune_top5", "fine-tune top-5 %", "{:.2f}"),
               ("knn_top1", "k-NN top-1 %", "{:.2f}"), ("pretrain_wall_s", "pretrain wall s", "{:.0f}"),
               ("pretrain_images_per_s", "pretrain img/s", "{:.1f}"))
+# shown only when the sweep has a linear probe (--linprobe-config), after the k-NN column
+LINPROBE_MD = ("linprobe_top1", "linear probe top-1 %", "{:.2f}")
 FIXED = ("pretrain_steps", "pretrain_flops")
 NAN = float("nan")
 
@@ -81,6 +84,7 @@ def _num(d: Optional[dict], key: str) -> float:
 def run_row(spec: RunSpec, state: dict, knn: bool) -> dict:
     recs = read_metrics(spec.pretrain_dir)
     summary = read_json(Path(spec.finetune_dir) / "summary.json")
+    probe = read_json(Path(spec.linprobe_dir) / "summary.json") if spec.linprobe_dir else None
     knn_res = read_json(Path(spec.knn_file)) if knn else None
     steps = recs[-1]["step"] if recs else 0
     st = state.get(spec.name, {})
@@ -91,6 +95,8 @@ def run_row(spec: RunSpec, state: dict, knn: bool) -> dict:
         status.append("no fine-tune")
     if knn and knn_res is None:
         status.append("no k-NN")
+    if spec.linprobe_dir and probe is None:
+        status.append("no linear probe")
     return {
         "objective": spec.objective, "seed": spec.seed, "pretrain_steps": steps,
         "pretrain_flops": spec.flops_per_step * steps,
@@ -99,9 +105,10 @@ def run_row(spec: RunSpec, state: dict, knn: bool) -> dict:
         "finetune_top1": _num(summary, "top1"), "finetune_top5": _num(summary, "top5"),
         "finetune_best_top1": _num(summary, "best_top1"),
         "knn_top1": _num(knn_res, "top1"), "knn_top5": _num(knn_res, "top5"),
+        "linprobe_top1": _num(probe, "top1"), "linprobe_top5": _num(probe, "top5"),
         "pretrain_wall_s": _num(st, "pretrain_wall_s"),
         "pretrain_images_per_s": tb_median(spec.pretrain_dir, "throughput/images_per_sec"),
-        "finetune_wall_s": _num(st, "finetune_wall_s"),
+        "finetune_wall_s": _num(st, "finetune_wall_s"), "linprobe_wall_s": _num(st, "linprobe_wall_s"),
         "status": "; ".join(status) or "ok",
     }
 
@@ -135,8 +142,17 @@ def _fmt(fmt: str, v, fixed: bool = False) -> str:
     return fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "–"
 
 
+def md_columns(plan: SweepPlan) -> tuple:
+    """MD_COLUMNS, with the linear-probe column after k-NN when the sweep probes."""
+    if not plan.linprobe_config:
+        return MD_COLUMNS
+    at = [c for c, _, _ in MD_COLUMNS].index("knn_top1") + 1
+    return MD_COLUMNS[:at] + (LINPROBE_MD,) + MD_COLUMNS[at:]
+
+
 def markdown(plan: SweepPlan, rows: list[dict], command: str = "") -> str:
-    head = [h for _, h, _ in MD_COLUMNS]
+    cols = md_columns(plan)
+    head = [h for _, h, _ in cols]
     lines = ["# Objective comparison", ""]
     if command:
         lines += ["```", command, "```", ""]
@@ -146,6 +162,9 @@ def markdown(plan: SweepPlan, rows: list[dict], command: str = "") -> str:
                                                if plan.budget == "compute" else f" ({plan.reference_steps} steps)"),
               "- per objective: " + ", ".join(f"{o} {plan.steps[o]} steps x {plan.step_flops[o]:.3g} FLOPs = "
                                              f"{plan.steps[o] * plan.step_flops[o]:.3g}" for o in plan.steps),
+              *([f"- linear probe recipe `{plan.linprobe_config}`, "
+                 + ("cached features (eval view, no augmentation)" if plan.linprobe_cached
+                    else "full protocol (augmented views)")] if plan.linprobe_config else []),
               "- pretrain loss / token acc: mean over the last 10% of steps (each objective predicts a different "
               "set of tokens, so compare these within an objective, not across)",
               "- ± is the sample standard deviation over seeds; wall s is the subprocess time (start-up included); "
@@ -154,20 +173,21 @@ def markdown(plan: SweepPlan, rows: list[dict], command: str = "") -> str:
               "| objective | seeds | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
     for agg in summarize(rows):
         lines.append(f"| {agg['objective']} | {agg['n']} | "
-                     + " | ".join(_fmt(f, agg[c], c in FIXED) for c, _, f in MD_COLUMNS) + " |")
+                     + " | ".join(_fmt(f, agg[c], c in FIXED) for c, _, f in cols) + " |")
     lines += ["", "## Runs", "", "| objective | seed | " + " | ".join(head) + " | status |",
               "|---|---|" + "---|" * (len(head) + 1)]
     for r in rows:
-        lines.append(f"| {r['objective']} | {r['seed']} | " + " | ".join(_fmt(f, r[c]) for c, _, f in MD_COLUMNS)
+        lines.append(f"| {r['objective']} | {r['seed']} | " + " | ".join(_fmt(f, r[c]) for c, _, f in cols)
                      + f" | {r['status']} |")
     return "\n".join(lines) + "\n"
 
 
 def comparison_figure(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], x_label: str,
                       finetune_top1: dict[str, list[float]], knn_top1: Optional[dict[str, list[float]]] = None,
-                      title: str = "", width: int = 1100, height: int = 420, smooth: int = 1) -> np.ndarray:
+                      title: str = "", width: int = 1100, height: int = 420, smooth: int = 1,
+                      linprobe_top1: Optional[dict[str, list[float]]] = None) -> np.ndarray:
     """Left: pre-training loss per objective, mean over seeds, shaded min..max. Right: fine-tune
-    top-1 (and k-NN top-1) per objective, bar = mean, error bar = std over seeds.
+    top-1 (and k-NN, linear-probe top-1) per objective, bar = mean, error bar = std over seeds.
 
     curves: objective -> one (x [S], loss [S]) pair per seed (x = steps or FLOPs); seeds of
     one objective are aligned on the shortest. ``smooth``: moving-average window in steps.
@@ -194,7 +214,8 @@ def comparison_figure(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], x_
 
     ax2 = fig.add_subplot(1, 2, 2)
     objs = list(dict.fromkeys(list(curves) + list(finetune_top1)))
-    series = [("fine-tune top-1", finetune_top1)] + ([("k-NN top-1", knn_top1)] if knn_top1 else [])
+    series = ([("fine-tune top-1", finetune_top1)] + ([("k-NN top-1", knn_top1)] if knn_top1 else [])
+              + ([("linear probe top-1", linprobe_top1)] if linprobe_top1 else []))
     bw = 0.8 / len(series)
     for k, (name, vals) in enumerate(series):
         for i, obj in enumerate(objs):
@@ -204,7 +225,7 @@ def comparison_figure(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], x_
             mean, std = v.mean(), (v.std(ddof=1) if v.size > 1 else 0.0)
             xpos = i + (k - (len(series) - 1) / 2) * bw
             ax2.bar(xpos, mean, bw * 0.9, yerr=std if v.size > 1 else None, capsize=4, color=colours.get(obj, f"C{i}"),
-                    alpha=1.0 if k == 0 else 0.45, hatch=None if k == 0 else "//", edgecolor="black", lw=0.5,
+                    alpha=1.0 if k == 0 else 0.45, hatch=(None, "//", "..")[min(k, 2)], edgecolor="black", lw=0.5,
                     label=name if i == 0 else None)
             ax2.text(xpos, mean + std, f"{mean:.1f}", ha="center", va="bottom", fontsize=7)
     ax2.set_xticks(range(len(objs)), objs)
@@ -241,11 +262,14 @@ def figure(plan: SweepPlan, rows: list[dict]) -> np.ndarray:
     knn = {o: [r["knn_top1"] for r in rows if r["objective"] == o] for o in curves}
     if not any(math.isfinite(v) for vals in knn.values() for v in vals):
         knn = None
+    probe = {o: [r["linprobe_top1"] for r in rows if r["objective"] == o] for o in curves}
+    if not any(math.isfinite(v) for vals in probe.values() for v in vals):
+        probe = None
     longest = max((len(c[0]) for runs in curves.values() for c in runs), default=1)
     seeds = len({s.seed for s in plan.runs})
     title = f"{', '.join(curves)}: {seeds} seed(s), equal {plan.budget}"
     return comparison_figure(curves, "training FLOPs" if plan.budget == "compute" else "optimizer step", ft, knn,
-                             title=title, smooth=max(1, longest // 50))
+                             title=title, smooth=max(1, longest // 50), linprobe_top1=probe)
 
 
 def write_results(plan: SweepPlan, knn: bool, command: str = "") -> tuple[list[dict], dict[str, Path]]:

@@ -35,7 +35,8 @@ def _gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_all(feature_fn, loader: Iterable[dict], num_samples: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_all(feature_fn, loader: Iterable[dict], num_samples: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of every sample of a list, sharded over ranks, the full set on every rank.
 
     ``feature_fn(images [B,3,S,S]) -> [B, D]``; ``loader`` is an eval loader (every rank the
@@ -153,6 +154,9 @@ class FeatureEvalLoader:
             pos = torch.arange(i * B, (i + 1) * B)
             valid = pos < len(self.ids)
             # padding rows repeat a real row (or row 0 on an empty shard): safe to index, never counted
-            idx = self.ids[pos.clamp(max=max(len(self.ids) - 1, 0))] if len(self.ids) else torch.zeros(B, dtype=torch.int64)
+            if len(self.ids):
+                idx = self.ids[pos.clamp(max=len(self.ids) - 1)]
+            else:
+                idx = torch.zeros(B, dtype=torch.int64)
             yield {"images": self.feats[idx].to(self.device), "labels": self.labels[idx].to(self.device),
                    "sample_ids": idx, "valid": valid.to(self.device)}

@@ -207,7 +207,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
     lr = lp.lr or lp.blr * lp.global_batch_size / 256
     optimizer = lars_for_head(model, lr, lp.momentum, lp.weight_decay)
     if dist.is_main:
-        how = f"linprobe.lr" if lp.lr else f"blr {lp.blr:g} x batch {lp.global_batch_size} / 256"
+        how = "linprobe.lr" if lp.lr else f"blr {lp.blr:g} x batch {lp.global_batch_size} / 256"
         print(f"{TAG} LARS lr {lr:g} ({how}), momentum {lp.momentum:g}, weight decay {lp.weight_decay:g}, "
               f"{num_classes} classes", flush=True)
 

@@ -91,7 +91,8 @@ class LinearProbe(nn.Module):
         return self.head(feats)
 
 
-def build_probe_backbone(model_cfg: ModelConfig, state: Optional[Mapping[str, torch.Tensor]]) -> tuple[VisionTransformer, dict]:
+def build_probe_backbone(model_cfg: ModelConfig,
+                         state: Optional[Mapping[str, torch.Tensor]]) -> tuple[VisionTransformer, dict]:
     """The frozen backbone: ``state`` (timm names, from ``load_any_checkpoint``) or, with
     ``state=None``, a randomly initialised ViT of ``model_cfg`` (the random-init baseline).
 
