@@ -346,8 +346,8 @@ class LinprobeConfig(TrainConfig):
     init: Optional[str] = Field(
         None, description="backbone: pre-training run dir | fine-tuned run | exported/timm/release checkpoint | random")
     pool: Literal["cls", "mean"] = Field(
-        "mean", description="features: mean of the patch tokens (BEiT, our k-NN and fine-tuning) or the [CLS] "
-                            "token (MAE's linprobe default)")
+        "cls", description="features: the [CLS] token after the final norm (MAE's protocol; k-NN's default too) or "
+                           "the mean of the patch tokens (BEiT's)")
     blr: float = Field(0.1, gt=0, description="base lr: lr = blr x global_batch_size / 256 (MAE: 0.1)")
     lr: Optional[float] = Field(None, gt=0, description="absolute lr; overrides blr when set")
     momentum: float = Field(0.9, ge=0, lt=1, description="LARS momentum (MAE: 0.9)")
