@@ -21,6 +21,7 @@ import torch
 
 from mapet_ds.filelist import shard_indices
 from mapet_ds.safe_io import atomic_write
+from mapet_ds.transfer import to_device
 
 CACHE_FORMAT = "mapet_ds.linprobe_features/1"
 
@@ -45,7 +46,7 @@ def extract_all(feature_fn, loader: Iterable[dict], num_samples: int,
     """
     feats, labels, ids, valid = [], [], [], []
     for batch in loader:
-        images = batch["images"].to(device, non_blocking=True)
+        images = to_device(batch["images"], device)
         feats.append(feature_fn(images).float())
         labels.append(batch["labels"].to(device).long().reshape(-1))
         ids.append(torch.as_tensor(batch["sample_ids"]).to(device).long().reshape(-1))

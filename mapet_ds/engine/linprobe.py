@@ -33,6 +33,7 @@ from mapet_ds.engine.trainer import Trainer
 from mapet_ds.filelist import read_filelist
 from mapet_ds.models.probe import LinearProbe, build_probe_backbone
 from mapet_ds.safe_io import atomic_write_text
+from mapet_ds.transfer import to_device
 
 TAG = "[linprobe]"
 
@@ -233,8 +234,8 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
         return _eval_images(cfg, val_fl, trainer.micro_batch, dist)
 
     def micro_step(engine, batch: dict) -> dict[str, torch.Tensor]:
-        logits = engine(batch["images"].to(dist.device, non_blocking=True)).float()
-        labels = batch["labels"].to(dist.device, non_blocking=True)
+        logits = engine(to_device(batch["images"], dist.device)).float()
+        labels = to_device(batch["labels"], dist.device)
         return {"loss": F.cross_entropy(logits, labels), "acc": (logits.argmax(1) == labels).float().mean()}
 
     evaluator = ProbeEval(cfg, dist, build_eval)
