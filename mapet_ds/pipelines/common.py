@@ -110,6 +110,17 @@ def rank_seed(seed: int, shard_id: int, salt: int = 0) -> int:
     return (int(seed) * 1_000_003 + int(shard_id) * 7_919 + salt) % (2**31 - 1)
 
 
+def reader_order(n: int, *, shard_id: int, num_shards: int, shuffle_seed: int | None) -> tuple[np.ndarray, dict]:
+    """The order of a list of ``n`` samples as ``fn.readers.file`` gets it, and the reader's
+    sharding arguments (see ``file_reader``). Every reader over a file list uses this, so
+    readers that must run in lockstep (image + mask) shard and reshuffle identically."""
+    if shuffle_seed is None:
+        return (np.asarray(shard_indices(n, shard_id, num_shards)),
+                {"stick_to_shard": True, "shard_id": 0, "num_shards": 1})
+    return (np.random.default_rng(int(shuffle_seed)).permutation(n),
+            {"shuffle_after_epoch": True, "shard_id": shard_id, "num_shards": num_shards})
+
+
 def file_reader(fl: FileList, *, shard_id: int, num_shards: int, shuffle_seed: int | None):
     """DALI file reader over ``fl`` emitting (encoded bytes, sample id).
 
@@ -125,12 +136,7 @@ def file_reader(fl: FileList, *, shard_id: int, num_shards: int, shuffle_seed: i
     """
     from nvidia.dali import fn
 
-    if shuffle_seed is None:
-        order = np.asarray(shard_indices(len(fl), shard_id, num_shards))
-        extra = {"stick_to_shard": True, "shard_id": 0, "num_shards": 1}
-    else:
-        order = np.random.default_rng(int(shuffle_seed)).permutation(len(fl))
-        extra = {"shuffle_after_epoch": True, "shard_id": shard_id, "num_shards": num_shards}
+    order, extra = reader_order(len(fl), shard_id=shard_id, num_shards=num_shards, shuffle_seed=shuffle_seed)
     return fn.readers.file(
         name=READER_NAME,
         file_root=str(fl.root),

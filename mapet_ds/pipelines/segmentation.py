@@ -103,15 +103,9 @@ def read_seglist(path: str | os.PathLike, root: str | os.PathLike | None = None,
 def _pair_reader(fl: FileList, masks: Sequence[str], *, shard_id: int, num_shards: int, shuffle_seed: int | None):
     """(encoded images, encoded masks, image ids, mask ids): two file readers in lockstep
     (same order, sharding and per-epoch reshuffle; see ``common.file_reader``)."""
-    import numpy as np
     from nvidia.dali import fn
 
-    if shuffle_seed is None:
-        order = np.asarray(shard_indices(len(fl), shard_id, num_shards))
-        extra = {"stick_to_shard": True, "shard_id": 0, "num_shards": 1}
-    else:
-        order = np.random.default_rng(int(shuffle_seed)).permutation(len(fl))
-        extra = {"shuffle_after_epoch": True, "shard_id": shard_id, "num_shards": num_shards}
+    order, extra = C.reader_order(len(fl), shard_id=shard_id, num_shards=num_shards, shuffle_seed=shuffle_seed)
     common = dict(file_root=str(fl.root), labels=[int(i) for i in order], pad_last_batch=True,
                   random_shuffle=False, **extra)
     jpegs, ids = fn.readers.file(name=C.READER_NAME, files=[fl.paths[i] for i in order], **common)
