@@ -38,6 +38,16 @@ def first_keys(keys: Iterable[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def state_mismatch(sd: dict, target: dict) -> tuple[list[str], list[str], list[str]]:
+    """(unexpected keys, missing keys, "key shape vs shape" of mis-shaped ones) of a state dict
+    ``sd`` against a model's ``target`` state dict, for the one-line CheckpointError."""
+    unexpected = [k for k in sd if k not in target]
+    missing = [k for k in target if k not in sd]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(target[k].shape)}" for k in sd
+             if k in target and sd[k].shape != target[k].shape]
+    return unexpected, missing, wrong
+
+
 # ---------------------------------------------------------------------------------------
 # The MaPeT authors' fine-tuned release (vit_standard_{tiny,small,base}_patch16_224_*.tar)
 #

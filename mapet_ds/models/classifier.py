@@ -16,14 +16,14 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Optional
 
 import torch
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from mapet_ds.config import ModelConfig
 from mapet_ds.interop.release import CheckpointError, convert_mapet_release, first_keys, is_foreign_layout, strip_prefixes
-from mapet_ds.models.vit import build_backbone
+from mapet_ds.models.vit import build_backbone, resample_pos_embed
 
 # The MaPeT release's fine-tuning head init (timm's trunc_normal_ std 0.02; finetune.head_init_std).
 # MAE's main_finetune.py uses 2e-5 (near-zero logits at the start): finetune.head_init_std=2e-5.
@@ -125,10 +125,7 @@ def load_backbone_into_classifier(classifier: VisionTransformer, state_dict: Map
                 f"pos_embed has width {old.shape[-1]} but the classifier has {new.shape[-1]}: "
                 f"the checkpoint is a different model size (check model.size/embed_dim)"
             )
-        grid = list(classifier.patch_embed.grid_size)
-        sd["pos_embed"] = resample_abs_pos_embed(
-            old.float(), new_size=grid, num_prefix_tokens=classifier.num_prefix_tokens
-        ).to(new.dtype)
+        sd["pos_embed"] = resample_pos_embed(old, classifier)
         resampled.append(f"pos_embed {tuple(old.shape)} -> {tuple(sd['pos_embed'].shape)}")
 
     unexpected = [k for k in sd if k not in target]

@@ -21,13 +21,13 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import torch
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mapet_ds.config import ModelConfig
-from mapet_ds.interop.release import CheckpointError, first_keys
-from mapet_ds.models.vit import build_backbone
+from mapet_ds.interop.release import CheckpointError, first_keys, state_mismatch
+from mapet_ds.models.vit import build_backbone, resample_pos_embed
 
 # MAE main_linprobe.py: trunc_normal_(model.head.weight, std=0.01)
 PROBE_HEAD_INIT_STD = 0.01
@@ -117,13 +117,9 @@ def build_probe_backbone(model_cfg: ModelConfig,
         if old.shape[-1] != target["pos_embed"].shape[-1]:
             raise CheckpointError(f"pos_embed has width {old.shape[-1]} but model.embed_dim is "
                                   f"{target['pos_embed'].shape[-1]}: set the model section of the checkpoint's run")
-        sd["pos_embed"] = resample_abs_pos_embed(old.float(), new_size=list(vit.patch_embed.grid_size),
-                                                 num_prefix_tokens=vit.num_prefix_tokens)
+        sd["pos_embed"] = resample_pos_embed(old, vit)
         resampled.append(f"pos_embed {tuple(old.shape)} -> {tuple(sd['pos_embed'].shape)}")
-    unexpected = [k for k in sd if k not in target]
-    missing = [k for k in target if k not in sd]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(target[k].shape)}" for k in sd
-             if k in target and sd[k].shape != target[k].shape]
+    unexpected, missing, wrong = state_mismatch(sd, target)
     if unexpected or missing or wrong:
         what = "; ".join(x for x in (f"unexpected {first_keys(unexpected)}" if unexpected else "",
                                      f"missing {first_keys(missing)}" if missing else "",

@@ -24,12 +24,12 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from mapet_ds.config import ConfigError, ModelConfig
-from mapet_ds.interop.release import CheckpointError, convert_mapet_release, first_keys, is_foreign_layout, strip_prefixes
-from mapet_ds.models.vit import build_backbone
+from mapet_ds.interop.release import (CheckpointError, convert_mapet_release, first_keys, is_foreign_layout,
+                                      state_mismatch, strip_prefixes)
+from mapet_ds.models.vit import build_backbone, resample_pos_embed
 
 # Keys of a pre-training / classifier checkpoint the segmenter has no use for.
 _UNUSED_PREFIXES = ("mask_token", "lm_head.", "head.", "fc_norm.", "norm.")
@@ -156,13 +156,9 @@ def load_backbone_into_segmenter(model: ViTUperNet, state_dict: Mapping[str, tor
         if old.shape[-1] != new.shape[-1]:
             raise CheckpointError(f"pos_embed has width {old.shape[-1]} but the segmenter's backbone has "
                                   f"{new.shape[-1]}: the checkpoint is another model size (check model.size)")
-        sd["pos_embed"] = resample_abs_pos_embed(old.float(), new_size=list(model.backbone.patch_embed.grid_size),
-                                                 num_prefix_tokens=model.backbone.num_prefix_tokens).to(new.dtype)
+        sd["pos_embed"] = resample_pos_embed(old, model.backbone)
         resampled.append(f"pos_embed {tuple(old.shape)} -> {tuple(sd['pos_embed'].shape)}")
-    unexpected = [k for k in sd if k not in target]
-    missing = [k for k in target if k not in sd]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(target[k].shape)}" for k in sd
-             if k in target and sd[k].shape != target[k].shape]
+    unexpected, missing, wrong = state_mismatch(sd, target)
     if unexpected or missing or wrong:
         what = (f"unexpected keys {first_keys(unexpected)}" if unexpected else
                 f"missing backbone weights {first_keys(missing)}" if missing else f"shape mismatch {first_keys(wrong, 3)}")

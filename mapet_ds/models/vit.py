@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from mapet_ds.config import ModelConfig
@@ -50,3 +52,10 @@ def build_backbone(cfg: ModelConfig, **overrides) -> VisionTransformer:
     model = VisionTransformer(**timm_kwargs(cfg, **overrides))
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, vit: VisionTransformer) -> torch.Tensor:
+    """pos_embed [1, prefix + N_old, D] of a checkpoint -> [1, prefix + N, D] on ``vit``'s patch
+    grid (timm's ``resample_abs_pos_embed``, bicubic, computed in fp32), in ``vit``'s dtype."""
+    return resample_abs_pos_embed(pos_embed.float(), new_size=list(vit.patch_embed.grid_size),
+                                  num_prefix_tokens=vit.num_prefix_tokens).to(vit.pos_embed.dtype)
