@@ -310,6 +310,10 @@ class SegmentConfig(TrainConfig):
     ratio_range: tuple[float, float] = Field((0.5, 2.0), description="random rescale factor range of img_scale")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
     photometric: bool = Field(True, description="mmseg PhotoMetricDistortion on the image (not the mask)")
+    cat_max_ratio: float = Field(
+        0.75, gt=0, le=1, description="mmseg RandomCrop: re-draw the crop (up to 10 times) while one class covers "
+                                      ">= this share of its non-ignored pixels (counted on a 32x32 grid of the "
+                                      "crop); 1.0 = off, one uniform draw")
     out_indices: tuple[int, ...] = Field((3, 5, 7, 11), description="0-based blocks feeding the 4 pyramid levels")
     decoder_channels: int = Field(768, gt=0, description="UperNet channels (BEiT: 768 for every size)")
     aux_channels: int = Field(256, gt=0, description="auxiliary FCN head channels")

@@ -1,7 +1,9 @@
 """Segmentation pieces without a launcher: metrics vs a hand-computed confusion matrix, the
 model (shapes, layer decay groups, checkpoint loading), sliding windows, make_seglist checks,
-and mask/image alignment through the DALI training geometry."""
+mask/image alignment through the DALI training geometry, the cat_max_ratio crop choice, and
+exact resume of the training loader."""
 
+import json
 import math
 
 import numpy as np
@@ -113,14 +115,16 @@ def _palette_dataset(root, n=6, size=(72, 56), cell=8, k=6, seed=0):
     return pal
 
 
-def test_mask_stays_aligned_with_the_image_through_rescale_crop_flip(tmp_path):
+@pytest.mark.parametrize("cat_max_ratio", [1.0, 0.75])  # uniform crop; crop chosen among 11 by class shares
+def test_mask_stays_aligned_with_the_image_through_rescale_crop_flip(tmp_path, cat_max_ratio):
     from mapet_ds.pipelines.segmentation import read_seglist, seg_train_loader
 
     pal = _palette_dataset(tmp_path)
     sl = read_seglist(tmp_path / "list.txt")
     loader = seg_train_loader(sl, crop=32, img_scale=(160, 40), ratio_range=(0.5, 2.0), hflip=0.5,
                               photometric=False, reduce_zero_label=True, ignore_index=255, batch_size=6,
-                              shard_id=0, num_shards=1, seed=3, num_threads=1, device="cpu")
+                              shard_id=0, num_shards=1, seed=3, num_threads=1, device="cpu",
+                              cat_max_ratio=cat_max_ratio)
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     agree, labelled, padded = 0, 0, 0
     for _ in range(3):
@@ -138,6 +142,131 @@ def test_mask_stays_aligned_with_the_image_through_rescale_crop_flip(tmp_path):
     assert labelled > 0 and padded > 0  # ratio 0.5 makes crops smaller than 32 px, so padding happened
     # only bilinear seams between cells may differ; a flip, shift or scale mismatch gives ~1/6
     assert agree / labelled > 0.9, agree / labelled
+
+
+def _position_loader(root, mask, *, cat_max_ratio, n=32, seed=0):
+    """n copies of a 64x64 image whose pixel (y, x) has colour (y, x, 0), with ``mask``; loaded
+    unscaled (img_scale 64, ratio 1) as 32 px crops, so a crop's top-left colour is its anchor."""
+    from mapet_ds.pipelines.segmentation import CAT_MAX_GRID, read_seglist, seg_train_loader
+
+    assert CAT_MAX_GRID >= 32  # the crop is its own count grid: the pipeline's class shares are exact
+    yx = np.stack([*np.meshgrid(np.arange(64), np.arange(64), indexing="ij"), np.zeros((64, 64), int)], -1)
+    Image.fromarray(yx.astype(np.uint8)).save(root / "pos.png")
+    Image.fromarray(mask.astype(np.uint8), mode="L").save(root / "mask.png")
+    (root / "list.txt").write_text("pos.png\tmask.png\n" * n)
+    return seg_train_loader(read_seglist(root / "list.txt"), crop=32, img_scale=(64, 64), ratio_range=(1.0, 1.0),
+                            hflip=0.0, photometric=False, reduce_zero_label=False, ignore_index=255,
+                            batch_size=n, shard_id=0, num_shards=1, seed=seed, num_threads=1, device="cpu",
+                            cat_max_ratio=cat_max_ratio)
+
+
+def _crops_and_anchors(batch, mask):
+    """-> mask crops int [B,32,32], anchors [(y, x)]; checks each image crop is the 32x32 window
+    of the position image at its anchor and the mask crop the same window of ``mask``."""
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    img = np.rint((batch["images"].permute(0, 2, 3, 1).numpy() * std + mean) * 255).astype(int)
+    anchors = []
+    for im, m in zip(img, batch["masks"].numpy()):
+        y, x = im[0, 0, :2]
+        assert 0 <= y <= 32 and 0 <= x <= 32
+        assert (im[..., 0] == np.arange(y, y + 32)[:, None]).all() and (im[..., 1] == np.arange(x, x + 32)).all()
+        assert np.array_equal(m, mask[y:y + 32, x:x + 32])  # the mask was cut at the image's anchor
+        anchors.append((int(y), int(x)))
+    return batch["masks"].numpy(), anchors
+
+
+def _passes_cat_max(crop, ratio=0.75, ignore=255):
+    """mmseg's test on a mask crop: > 1 class and the largest under ``ratio`` of the labelled pixels."""
+    _, counts = np.unique(crop[crop != ignore], return_counts=True)
+    return len(counts) > 1 and counts.max() < ratio * counts.sum()
+
+
+def test_cat_max_ratio_redraws_crops_one_class_dominates(tmp_path):
+    # class 1 on a 36 px top-left block, ignore on the right 16 columns, class 0 elsewhere: a
+    # uniform 32 px anchor passes mmseg's test with p ~ 0.56, so one of 32 crops fails all 11
+    # tries with p ~ 0.004; counting the ignore label as a class would wrongly pass ~20% more
+    # anchors. Shares are exact here (see _position_loader).
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:36, :36] = 1
+    mask[:, 48:] = 255
+    crops, anchors = _crops_and_anchors(next(_position_loader(tmp_path, mask, cat_max_ratio=0.75)), mask)
+    assert all(_passes_cat_max(c) for c in crops)
+    assert len(set(anchors)) > 16  # still random crops
+    crops, _ = _crops_and_anchors(next(_position_loader(tmp_path, mask, cat_max_ratio=1.0)), mask)
+    failing = sum(not _passes_cat_max(c) for c in crops)
+    assert failing >= 8, failing  # uniform crops: ~44% fail, so the check above can fail
+
+
+def test_cat_max_ratio_falls_back_to_a_crop_on_a_one_class_mask(tmp_path):
+    one = np.full((64, 64), 3, np.uint8)  # no anchor passes: the last draw is used
+    crops, anchors = _crops_and_anchors(next(_position_loader(tmp_path, one, cat_max_ratio=0.75)), one)
+    assert (crops == 3).all() and len(set(anchors)) > 16  # aligned (checked inside), still random
+
+
+def test_cat_max_crop_takes_the_first_passing_draw_else_the_last(monkeypatch):
+    # _cat_max_crop on its own, its 11 candidate anchors recorded (the roi_start of each count
+    # grid), its choice vs mmseg's loop run on the exact crops (a crop of CAT_MAX_GRID px is its
+    # own grid) of random rectangles, ignore stripes and an all-ignore mask
+    from nvidia.dali import fn, math as dmath, pipeline_def
+
+    from mapet_ds.pipelines.segmentation import CAT_MAX_GRID, CAT_MAX_REDRAWS, _cat_max_crop
+
+    rng = np.random.default_rng(0)
+    H, W, crop = 150, 170, CAT_MAX_GRID
+    masks = []
+    for i in range(16):
+        m = np.zeros((H, W), np.uint8)
+        for _ in range(i % 5):
+            (y, x), (h, w) = rng.integers(0, 130, 2), rng.integers(10, 80, 2)
+            m[y:y + h, x:x + w] = rng.integers(1, 6)
+        m[:, :30 * (i % 3 == 0)] = 255
+        masks.append(m if i < 15 else np.full((H, W), 255, np.uint8))
+    rois, resize = [], fn.resize
+    monkeypatch.setattr(fn, "resize", lambda *a, **k: rois.append(k["roi_start"]) or resize(*a, **k))
+
+    @pipeline_def(batch_size=16, num_threads=1, device_id=None, seed=1)
+    def pipe():
+        msk = fn.external_source(source=lambda: [m[..., None] for m in masks], batch=True, layout="HWC")
+        nh, nw = fn.constant(fdata=float(H), shape=[]), fn.constant(fdata=float(W), shape=[])
+        start0 = dmath.floor(fn.random.uniform(range=[0.0, 1.0], shape=[2]) * (fn.stack(nh, nw) - crop + 1.0))
+        return (_cat_max_crop(msk, start0, nh, nw, crop=crop, ratio=0.75, ignore_index=255), *rois)
+
+    p = pipe()
+    p.build()
+    fallbacks = 0
+    for _ in range(2):
+        chosen, *cands = p.run()
+        assert len(cands) == 1 + CAT_MAX_REDRAWS
+        for i, m in enumerate(masks):
+            starts = [tuple(np.array(c[i]).astype(int)) for c in cands]
+            passing = [_passes_cat_max(m[y:y + crop, x:x + crop]) for y, x in starts]
+            expect = starts[passing.index(True)] if any(passing) else starts[-1]
+            assert tuple(np.array(chosen[i]).astype(int)) == expect, (i, starts, passing)
+            fallbacks += not any(passing)
+            assert (not any(passing)) or i < 15
+    assert 2 <= fallbacks <= 24  # both branches taken (the all-ignore mask falls back twice)
+
+
+@pytest.mark.parametrize("cat_max_ratio", [1.0, 0.75])
+def test_seg_loader_resumes_exactly(tmp_path, cat_max_ratio):
+    from mapet_ds.pipelines.segmentation import read_seglist, seg_train_loader
+
+    _palette_dataset(tmp_path)
+    kw = dict(crop=32, img_scale=(160, 40), ratio_range=(0.5, 2.0), hflip=0.5, photometric=True,
+              reduce_zero_label=True, ignore_index=255, batch_size=2, shard_id=0, num_shards=1, seed=4,
+              num_threads=1, device="cpu", cat_max_ratio=cat_max_ratio)
+    sl = read_seglist(tmp_path / "list.txt")
+    loader = seg_train_loader(sl, **kw)  # 3 steps per epoch
+    for _ in range(2):
+        next(loader)
+    state = loader.state()
+    assert json.loads(state)["cat_max_ratio"] == cat_max_ratio
+    expected = [next(loader) for _ in range(4)]  # crosses into the next epoch
+    resumed = seg_train_loader(sl, checkpoint=state, **kw)
+    for a, b in zip([next(resumed) for _ in range(4)], expected):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="cat_max_ratio: saved"):
+        seg_train_loader(sl, checkpoint=state, **{**kw, "cat_max_ratio": 1.75 - cat_max_ratio})
 
 
 def test_make_seglist_checks_pairs(tmp_path):

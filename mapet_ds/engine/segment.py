@@ -170,7 +170,8 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
                                 hflip=s.hflip, photometric=s.photometric, reduce_zero_label=s.reduce_zero_label,
                                 ignore_index=s.ignore_index, batch_size=micro_batch, shard_id=dist.rank,
                                 num_shards=dist.world_size, seed=s.seed, num_threads=d.num_threads, device=d.decode,
-                                mean=d.mean, std=d.std, checkpoint=state, prefetch_queue_depth=d.prefetch_queue_depth)
+                                mean=d.mean, std=d.std, checkpoint=state, prefetch_queue_depth=d.prefetch_queue_depth,
+                                cat_max_ratio=s.cat_max_ratio)
 
     def build_eval():
         return SegEvalLoader(val_sl, img_scale=s.img_scale, reduce_zero_label=s.reduce_zero_label,
