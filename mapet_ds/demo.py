@@ -45,7 +45,7 @@ SIZES = {
     # images per class (train, val), labelled images per class for fine-tuning, demo image size,
     # k-means k, pretrain / fine-tune steps, batch; linear probe steps and batch on cached
     # features (full: 90 epochs of 2,600 at 128, MAE's epoch count; each step is one small matmul)
-    "full": dict(train=260, val=50, labels=20, size=80, k=256, pretrain_steps=300, finetune_steps=200,
+    "full": dict(train=260, val=50, labels=20, size=80, k=256, pretrain_steps=500, finetune_steps=200,
                  batch=64, linprobe_steps=1800, linprobe_batch=128),
     "small": dict(train=12, val=4, labels=4, size=64, k=32, pretrain_steps=16, finetune_steps=6,
                   batch=16, linprobe_steps=6, linprobe_batch=16),
