@@ -92,6 +92,16 @@ def _finished_pretrain(run_dir: Path, steps: int) -> bool:
     return (run_dir / "checkpoints" / ckpt.tag_for(steps) / ckpt.MARKER).is_file()
 
 
+def _pretrain_steps_of(run_dir: Path) -> Optional[int]:
+    """pretrain.max_steps of an existing run (its config.yaml), None when there is none."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    return ((yaml.safe_load(path.read_text()) or {}).get("pretrain") or {}).get("max_steps")
+
+
 def _read_json(path: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -210,6 +220,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs.mkdir(exist_ok=True)
     times: dict[str, float] = {}
     t_start = time.perf_counter()
+    made_steps = _pretrain_steps_of(pre)
+    if made_steps not in (None, size["pretrain_steps"]):
+        # resuming it would bolt a new schedule onto a finished one (the lr jumps back up)
+        print(f"error: {pre} is a {made_steps}-step pre-training of an older demo (this one runs "
+              f"{size['pretrain_steps']}): delete {out} or pass another --out", file=sys.stderr)
+        return 2
     if args.finetune_only and not _finished_pretrain(pre, size["pretrain_steps"]):
         print(f"error: --finetune-only needs a finished demo pre-training in {pre}: run the demo without it "
               f"first", file=sys.stderr)

@@ -109,3 +109,16 @@ def test_finetune_only_needs_a_finished_demo(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --finetune-only needs a finished demo pre-training in") and err.count("\n") == 1
     assert not (tmp_path / "d/data").exists()  # nothing was made
+
+
+def test_a_pretraining_of_another_length_is_refused(tmp_path, capsys):
+    from mapet_ds.demo import main
+
+    pre = tmp_path / "d/runs/pretrain_mapet"
+    pre.mkdir(parents=True)
+    (pre / "config.yaml").write_text("pretrain:\n  max_steps: 300\n")
+    assert main(["--out", str(tmp_path / "d"), "--small"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {pre} is a 300-step pre-training of an older demo (this one runs "
+                   f"{SIZES['small']['pretrain_steps']}): delete {tmp_path / 'd'} or pass another --out\n")
+    assert not (tmp_path / "d/data").exists()  # nothing was made
