@@ -318,3 +318,23 @@ def test_poly_schedule_after_linear_warmup():
     lrs = [s.apply(t)[0] for t in (0, 5, 10, 60, 109)]
     # warmup 0 -> lr over 10 steps, then lr * (1 - t / 100) (mmseg poly, power 1, min_lr 0)
     assert lrs == pytest.approx([0.0, 5e-4, 1e-3, 5e-4, 1e-5])
+
+
+def test_overlay_images_are_spread_over_the_eval_list():
+    """The picture's images come from across the list (the demo's is sorted by class), not its top."""
+    from mapet_ds.engine.seg_eval import evaluate_segmentation
+
+    class Zeros(torch.nn.Module):
+        def forward(self, x):  # [B,3,h,w] -> ([B,2,h,w],): class 0 everywhere
+            return (torch.zeros(x.shape[0], 2, x.shape[2], x.shape[3]),)
+
+    loader = [{"images": torch.zeros(1, 3, 8, 8), "masks": torch.full((1, 8, 8), i % 2, dtype=torch.int64)}
+              for i in range(10)]
+    for i, b in enumerate(loader):
+        b["images"][0, 0, 0, 0] = i  # tags the image
+    res = evaluate_segmentation(Zeros(), loader, torch.device("cpu"), num_classes=2, ignore_index=255, crop=8,
+                                stride=8, keep=4)
+    assert [int(img[0, 0, 0]) for img, _, _ in res["kept"]] == [0, 3, 6, 9]
+    assert res["images"] == 10 and res["aAcc"] == pytest.approx(50.0)
+    assert len(evaluate_segmentation(Zeros(), loader[:3], torch.device("cpu"), num_classes=2, ignore_index=255,
+                                     crop=8, stride=8, keep=4)["kept"]) == 3

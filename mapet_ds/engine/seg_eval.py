@@ -63,19 +63,23 @@ def predict(model, image: torch.Tensor, out_size: Sequence[int], *, crop: int, s
 def evaluate_segmentation(model: torch.nn.Module, loader, device: torch.device, *, num_classes: int,
                           ignore_index: int, crop: int, stride: int, scales=(1.0,), flip: bool = False,
                           dtype=torch.float32, keep: int = 0) -> dict:
-    """Metrics over the whole list (all ranks); ``keep`` first images of this rank are returned
-    for the picture as (image [3,h,w] normalised, mask [H,W], prediction [H,W])."""
+    """Metrics over the whole list (all ranks); ``keep`` images of this rank, evenly spread over
+    its shard, are returned for the picture as (image [3,h,w] normalised, mask [H,W], prediction [H,W])."""
     was_training = model.training
     model.eval()
     hist = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     kept = []
     images = 0
-    for batch in loader:
+    # spread, not the first ones: lists sorted by scene or class (the demo's) would show one kind only
+    n_local = len(loader) if hasattr(loader, "__len__") else keep
+    k = min(keep, n_local)
+    picks = {round(i * (n_local - 1) / max(k - 1, 1)) for i in range(k)}
+    for i, batch in enumerate(loader):
         image, mask = to_device(batch["images"], device), to_device(batch["masks"], device)
         pred = predict(model, image, mask.shape[-2:], crop=crop, stride=stride, scales=scales, flip=flip, dtype=dtype)
         hist += confusion_histogram(pred, mask[0], num_classes, ignore_index)
         images += 1
-        if len(kept) < keep:
+        if i in picks:
             kept.append((image[0].cpu(), mask[0].cpu(), pred.cpu()))
     model.train(was_training)
     hist = all_reduce_sum(hist)
