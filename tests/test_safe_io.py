@@ -254,3 +254,20 @@ def test_compare_refuses_an_out_holding_its_recipe(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"error: refusing to write {tmp_path}/sweep/pretrain: the --config recipe {recipe} is there and would be "
         f"overwritten; choose another --out")
+
+
+def test_checkpoint_files_never_write_through_a_pre_placed_temp_link(tmp_path):
+    """The old fixed names ("<file>.tmp", "complete.json.tmp") followed a link placed there."""
+    import torch
+
+    from mapet_ds.engine.checkpoint import _atomic_torch_save
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "rank00000.pt.tmp").symlink_to(victim)
+    _atomic_torch_save({"step": 3}, run / "rank00000.pt")
+    assert torch.load(run / "rank00000.pt") == {"step": 3}
+    assert victim.read_text() == "keep me"
+    assert (run / "rank00000.pt.tmp").is_symlink()  # not ours: left where it was

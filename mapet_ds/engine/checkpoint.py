@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from mapet_ds.engine.dist import barrier
+from mapet_ds.safe_io import atomic_write, atomic_write_text
 
 MARKER = "complete.json"
 _TAG_RE = re.compile(r"^step(\d{8})$")
@@ -77,9 +78,8 @@ def set_rng_state(state: dict, generator: Optional[torch.Generator] = None) -> N
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    # an exclusive random temp name (safe_io.temp_file): a fixed "<name>.tmp" could be a pre-placed link
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, rank_state: dict,
@@ -101,9 +101,8 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, ran
                   "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
                   "zero_stage": int(engine.zero_optimization_stage()),
                   "micro_batch": int(engine.train_micro_batch_size_per_gpu())}
-        tmp = tag_dir / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(marker), encoding="utf-8")
-        os.replace(tmp, tag_dir / MARKER)
+        # fsync: the marker is what makes the tag loadable, so its content must be on disk before its name
+        atomic_write_text(tag_dir / MARKER, json.dumps(marker), fsync=True)
         prune(ckpt_dir, keep_last)
     barrier()
     return tag_dir

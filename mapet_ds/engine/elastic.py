@@ -301,7 +301,5 @@ def dump_state(engine, path: str, step: int, lr: float, rank: int) -> None:
     steps = {float(st["step"]) for st in inner.state.values() if "step" in st}
     out["adam_step"] = steps.pop() if len(steps) == 1 else sorted(steps)
     if rank == 0:
-        tmp = path + ".tmp"
-        torch.save(out, tmp)
-        os.replace(tmp, path)
+        ckpt._atomic_torch_save(out, Path(path))
     barrier()
