@@ -39,7 +39,7 @@ from mapet_ds.engine.ds_config import DEFAULT_DS_CONFIG
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "launch" / "recipes"
 PIXEL_NORM = "luma"
-POOL = "cls"  # frozen-feature probes read [CLS]: on this data it probes far better than the mean (README)
+POOL = "cls"  # frozen-feature probes read [CLS]: on this data it probes better than the mean (README)
 
 SIZES = {
     # images per class (train, val), labelled images per class for fine-tuning, demo image size,

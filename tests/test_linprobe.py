@@ -61,7 +61,7 @@ def test_cached_probe_of_a_pretraining_run(probe_ws):
     cfg = load_config(ws / "runs/lp1/config.yaml")
     vit, report = build_probe_backbone(cfg.model, load_any_checkpoint(ws / "runs/for_lp")[0])
     assert report["kind"] == "backbone"
-    probe = LinearProbe(vit, 48, 10, "mean")
+    probe = LinearProbe(vit, 48, 10, cfg.linprobe.pool)  # the run's pool: its cached features are compared below
     ck = torch.load(ws / "runs/lp1/checkpoints/step00000006/mp_rank_00_model_states.pt", weights_only=False)
     head = {k[len("head."):]: v for k, v in ck["module"].items() if k.startswith("head.")}
     assert set(head) == {"0.running_mean", "0.running_var", "0.num_batches_tracked", "1.weight", "1.bias"}  # BN: no affine
@@ -149,3 +149,21 @@ def test_missing_init_is_one_line(probe_ws):
     proc = run_py([LINPROBE, "--config", "linprobe.yaml", "linprobe.output_dir=runs/lpnone"], cwd=probe_ws, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: linprobe.init is not set") and proc.stderr.count("\n") == 1
+
+
+def test_probe_pools_are_the_knn_features():
+    """pool='mean' is the patch-token mean (it once fell through to [CLS]), pool='cls' the [CLS] token."""
+    from mapet_ds.analysis.knn import pooled_features
+    from mapet_ds.config import ModelConfig
+    from mapet_ds.models.probe import LinearProbe
+    from mapet_ds.models.vit import build_backbone
+
+    torch.manual_seed(0)
+    vit = build_backbone(ModelConfig(size=None, embed_dim=48, depth=2, num_heads=3, img_size=32, patch_size=16))
+    images = torch.randn(3, 3, 32, 32)
+    tokens = vit.eval().forward_features(images)  # [3, 1 + 4, 48]
+    mean = LinearProbe(vit, 48, 10, "mean").features(images)
+    cls = LinearProbe(vit, 48, 10, "cls").features(images)
+    assert torch.allclose(mean, tokens[:, 1:].mean(1), atol=1e-6) and torch.allclose(cls, tokens[:, 0], atol=1e-6)
+    assert not torch.allclose(mean, cls, atol=1e-3)
+    assert torch.equal(mean, pooled_features(vit, images, "mean"))

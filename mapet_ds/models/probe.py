@@ -8,9 +8,11 @@ only the head trains. Parameter names follow MAE's probe (``head.0`` the BatchNo
 Pooling (``pool``):
 
 - ``"cls"``  -- the [CLS] output token after the final norm (MAE's default, ``--cls_token``);
-- ``"mean"`` -- the mean of the patch tokens, exactly the k-NN features of
-  mapet_ds.analysis.knn (``mean(norm(tokens))`` for a pre-training backbone,
-  timm's pre-logits ``fc_norm(mean(tokens))`` for a fine-tuned classifier).
+- ``"mean"`` -- the mean of the patch tokens;
+
+both exactly the k-NN features of mapet_ds.analysis.knn (``pooled_features``); "mean" is
+``mean(norm(tokens))`` for a pre-training backbone and timm's pre-logits
+``fc_norm(mean(tokens))`` for a fine-tuned classifier.
 
 The backbone runs under ``torch.no_grad`` and stays in eval mode whatever ``train()``
 says (it is built with drop_path 0, as MAE's probe, so eval and train mode agree anyway).
@@ -25,6 +27,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from mapet_ds.analysis.knn import POOLS, pooled_features
 from mapet_ds.config import ModelConfig
 from mapet_ds.interop.release import CheckpointError, first_keys, state_mismatch
 from mapet_ds.models.vit import build_backbone, resample_pos_embed
@@ -43,15 +46,6 @@ def probe_head(dim: int, num_classes: int) -> nn.Sequential:
     return head
 
 
-def probe_features(vit: VisionTransformer, images: torch.Tensor, pool: str) -> torch.Tensor:
-    """images [B, C, H, W] -> features [B, D] (module doc for ``pool``)."""
-    if pool == "mean":
-        from mapet_ds.analysis.knn import pooled_features
-
-        return pooled_features(vit, images)
-    return vit.forward_features(images)[:, 0]  # [CLS] after the final norm (Identity behind fc_norm)
-
-
 class LinearProbe(nn.Module):
     """``backbone`` (frozen) -> pooled features -> ``head``; ``backbone=None`` takes features.
 
@@ -63,7 +57,7 @@ class LinearProbe(nn.Module):
     def __init__(self, backbone: Optional[VisionTransformer], dim: int, num_classes: int, pool: str = "mean",
                  autocast_dtype: Optional[torch.dtype] = None):
         super().__init__()
-        if pool not in ("cls", "mean"):
+        if pool not in POOLS:
             raise ValueError(f"pool={pool!r}: must be 'cls' or 'mean'")
         self.pool = pool
         self.autocast_dtype = autocast_dtype
@@ -84,7 +78,7 @@ class LinearProbe(nn.Module):
         """images [B, 3, S, S] -> pooled features [B, D] float32 (no augmentation, no grad)."""
         dev = images.device.type
         with torch.autocast(dev, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return probe_features(self.backbone, images, self.pool).float()
+            return pooled_features(self.backbone, images, self.pool).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.features(x) if self.backbone is not None else x.float()
