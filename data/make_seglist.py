@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mapet_ds.filelist import FileListError  # noqa: E402
-from mapet_ds.safe_io import InputGuard, UnsafeWriteError, atomic_write_text  # noqa: E402
+from mapet_ds.safe_io import UnsafeWriteError, atomic_write_text, out_folder, print_error  # noqa: E402
 
 SPLITS = {"train": "training", "val": "validation"}
 IMAGE_EXT = (".jpg", ".jpeg", ".png")
@@ -68,9 +68,6 @@ def make_seglists(root: str | os.PathLike, out: str | os.PathLike, *, num_classe
     if not (root / "images").is_dir():
         raise FileListError(f"{root} has no images/ folder: expected ADE20K's images/{{training,validation}} and "
                             f"annotations/{{training,validation}}")
-    guard = InputGuard()
-    for name in SPLITS:
-        guard.check(out / f"{name}.txt")
     max_label = num_classes if reduce_zero_label else num_classes - 1
     pairs: dict[str, list[tuple[str, str]]] = {}
     for split, folder in SPLITS.items():
@@ -94,7 +91,8 @@ def make_seglists(root: str | os.PathLike, out: str | os.PathLike, *, num_classe
         for problem in ex.map(_check, jobs, chunksize=64):
             if problem:
                 raise FileListError(problem)
-    out.mkdir(parents=True, exist_ok=True)
+    # the lists (*.txt) cannot be one of the inputs (images and .png masks); the folder is checked
+    out_folder(out)
     written = {}
     for split, found in pairs.items():
         lines = [f"{os.path.relpath(i, out)}\t{os.path.relpath(m, out)}\n" for i, m in found]
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         written = make_seglists(args.root, args.out, num_classes=args.num_classes,
                                 reduce_zero_label=not args.no_reduce_zero_label, workers=args.workers)
     except (FileListError, UnsafeWriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     for split, path in written.items():
         n = sum(1 for _ in open(path, encoding="utf-8"))

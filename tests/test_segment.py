@@ -283,6 +283,10 @@ def test_make_seglist_checks_pairs(tmp_path):
     from mapet_ds.pipelines.segmentation import read_seglist
 
     assert len(read_seglist(tmp_path / "lists/train.txt")) == 2
+    (tmp_path / "afile").write_text("")
+    p = run_py([REPO / "data/make_seglist.py", ade, "--out", tmp_path / "afile", "--workers", "1"], cwd=tmp_path,
+               check=False)
+    assert p.returncode == 2 and p.stderr == f"error: --out {tmp_path / 'afile'} is a file, not a folder: choose a folder\n"
 
     def err(setup):
         setup()
