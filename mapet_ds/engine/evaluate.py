@@ -54,8 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def job():
         from mapet_ds.interop.export import load_any_checkpoint
-        from mapet_ds.engine.finetune import evaluate
-        from mapet_ds.pipelines import eval_loader
+        from mapet_ds.engine.finetune import eval_view_loader, evaluate
 
         dist = init_distributed(args.local_rank)
         random_init = args.checkpoint == "random"
@@ -67,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise CheckpointError(f"{args.checkpoint} has no classifier head: fine-tune it first, or use --knn")
         cfg = load_config(_find_config(Path(args.checkpoint), meta, args.config), args.overrides)
         d = cfg.data
-        from mapet_ds.pipelines.shards import ShardSet, eval_shard_loader, open_shards
+        from mapet_ds.pipelines.shards import open_shards
 
         shards = args.shards or (None if args.filelist else d.val_shards)
         val_path = shards or args.filelist or d.val_list
@@ -76,10 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         val = open_shards(shards) if shards else read_filelist(val_path, d.root)
 
         def loader(fl):
-            make = eval_shard_loader if isinstance(fl, ShardSet) else eval_loader
-            return make(fl, img_size=cfg.model.img_size, batch_size=args.batch_size, shard_id=dist.rank,
-                        num_shards=dist.world_size, num_threads=d.num_threads, device=d.decode,
-                        crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
+            return eval_view_loader(cfg, fl, args.batch_size, dist)
 
         if args.knn:
             from mapet_ds.analysis.knn import extract_features, knn_eval

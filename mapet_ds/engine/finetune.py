@@ -172,22 +172,43 @@ def init_weights(model: torch.nn.Module, init: Optional[str], dist: DistInfo) ->
     return report
 
 
+def labelled_lists(cfg: RunConfig, purpose: str):
+    """(train, val): file lists or shard sets (data/make_shards.py; they carry num_classes/classes
+    too and their loaders read labels from the shards), both required for ``purpose``."""
+    from mapet_ds.pipelines.shards import open_shards
+
+    d = cfg.data
+    if (d.train_list or d.train_shards) is None or (d.val_list or d.val_shards) is None:
+        raise ConfigError("data.train_list (or data.train_shards) and data.val_list (or data.val_shards) must both "
+                          f"be set for {purpose}")
+    train = open_shards(d.train_shards) if d.train_shards else read_filelist(d.train_list, d.root)
+    val = open_shards(d.val_shards) if d.val_shards else read_filelist(d.val_list, d.root)
+    return train, val
+
+
+def eval_view_loader(cfg: RunConfig, fl, batch_size: int, dist: DistInfo):
+    """The eval view (resize + centre crop, ``cfg.data``) of a file list or shard set, this rank's shard."""
+    from mapet_ds.pipelines import eval_loader
+    from mapet_ds.pipelines.shards import ShardSet, eval_shard_loader
+
+    d = cfg.data
+    make = eval_shard_loader if isinstance(fl, ShardSet) else eval_loader
+    return make(fl, img_size=cfg.model.img_size, batch_size=batch_size, shard_id=dist.rank, num_shards=dist.world_size,
+                num_threads=d.num_threads, device=d.decode, crop_pct=d.crop_pct, interpolation=d.interpolation,
+                mean=d.mean, std=d.std)
+
+
 def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Trainer, FinetuneStep]:
-    from mapet_ds.pipelines import eval_loader, finetune_train_loader
+    from mapet_ds.pipelines import finetune_train_loader
+    from mapet_ds.pipelines.shards import finetune_shard_loader
 
     d, f = cfg.data, cfg.finetune
-    from mapet_ds.pipelines.shards import eval_shard_loader, finetune_shard_loader, open_shards
 
     check_run_dir(f.output_dir, [(d.train_list, "data.train_list"), (d.val_list, "data.val_list"),
                                  (d.train_shards, "data.train_shards"), (d.val_shards, "data.val_shards"),
                                  (f.init, "finetune.init (the checkpoint fine-tuning starts from)")],
                   "finetune.output_dir")
-    if (d.train_list or d.train_shards) is None or (d.val_list or d.val_shards) is None:
-        raise ConfigError("data.train_list (or data.train_shards) and data.val_list (or data.val_shards) must both "
-                          "be set for fine-tuning")
-    # a shard set (data/make_shards.py) has num_classes/classes too; its loaders read labels from the shards
-    train_fl = open_shards(d.train_shards) if d.train_shards else read_filelist(d.train_list, d.root)
-    val_fl = open_shards(d.val_shards) if d.val_shards else read_filelist(d.val_list, d.root)
+    train_fl, val_fl = labelled_lists(cfg, "fine-tuning")
     num_classes = f.num_classes or max(train_fl.num_classes, val_fl.num_classes)
     torch.manual_seed(f.seed)
     model = build_classifier(cfg.model, num_classes, head_init_std=cfg.finetune.head_init_std)
@@ -201,11 +222,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
             interpolation=d.interpolation, prefetch_queue_depth=d.prefetch_queue_depth)
 
     def build_eval():
-        micro = trainer.micro_batch
-        make = eval_shard_loader if d.val_shards else eval_loader
-        return make(val_fl, img_size=cfg.model.img_size, batch_size=micro, shard_id=dist.rank,
-                    num_shards=dist.world_size, num_threads=d.num_threads, device=d.decode,
-                    crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std)
+        return eval_view_loader(cfg, val_fl, trainer.micro_batch, dist)
 
     step = FinetuneStep(cfg, dist, num_classes, build_eval, val_fl.classes)
     flops = classifier_forward_flops(cfg.model, num_classes)

@@ -29,8 +29,8 @@ from mapet_ds.config import ConfigError, RunConfig, load_config
 from mapet_ds.engine.cli import check_run_dir, job_parser, run_job
 from mapet_ds.engine.dist import DistInfo, init_distributed
 from mapet_ds.engine.ds_config import load_ds_json
+from mapet_ds.engine.finetune import eval_view_loader, evaluate, labelled_lists
 from mapet_ds.engine.trainer import Trainer
-from mapet_ds.filelist import read_filelist
 from mapet_ds.models.probe import LinearProbe, build_probe_backbone
 from mapet_ds.safe_io import atomic_write_text
 from mapet_ds.transfer import to_device
@@ -105,8 +105,6 @@ class ProbeEval:
             self.run(trainer)
 
     def run(self, trainer: Trainer) -> dict:
-        from mapet_ds.engine.finetune import evaluate
-
         if self._loader is None:
             self._loader = self.make_loader()
         res = evaluate(trainer.module, self._loader, self.dist.device)
@@ -121,29 +119,6 @@ class ProbeEval:
                   f"({res['count']} images) | best {trainer.state.extra['best_top1']:.2f}", flush=True)
         self.last = res
         return res
-
-
-def _lists(cfg: RunConfig):
-    from mapet_ds.pipelines.shards import open_shards
-
-    d = cfg.data
-    if (d.train_list or d.train_shards) is None or (d.val_list or d.val_shards) is None:
-        raise ConfigError("data.train_list (or data.train_shards) and data.val_list (or data.val_shards) must both "
-                          "be set for linear probing")
-    train = open_shards(d.train_shards) if d.train_shards else read_filelist(d.train_list, d.root)
-    val = open_shards(d.val_shards) if d.val_shards else read_filelist(d.val_list, d.root)
-    return train, val
-
-
-def _eval_images(cfg: RunConfig, fl, batch: int, dist: DistInfo):
-    from mapet_ds.pipelines import eval_loader
-    from mapet_ds.pipelines.shards import ShardSet, eval_shard_loader
-
-    d = cfg.data
-    make = eval_shard_loader if isinstance(fl, ShardSet) else eval_loader
-    return make(fl, img_size=cfg.model.img_size, batch_size=batch, shard_id=dist.rank, num_shards=dist.world_size,
-                num_threads=d.num_threads, device=d.decode, crop_pct=d.crop_pct, interpolation=d.interpolation,
-                mean=d.mean, std=d.std)
 
 
 def _cached_features(cfg: RunConfig, probe: LinearProbe, train_fl, val_fl, init_desc: str, dist: DistInfo, run_dir):
@@ -164,7 +139,7 @@ def _cached_features(cfg: RunConfig, probe: LinearProbe, train_fl, val_fl, init_
     batch = lp.micro_batch_size or max(1, min(256, lp.global_batch_size // dist.world_size))
     out = {}
     for name, fl in (("train", train_fl), ("val", val_fl)):
-        out[name] = fc.extract_all(probe.features, _eval_images(cfg, fl, batch, dist), len(fl), dist.device)
+        out[name] = fc.extract_all(probe.features, eval_view_loader(cfg, fl, batch, dist), len(fl), dist.device)
         if dist.is_main:
             print(f"{TAG} extracted {name} features {tuple(out[name][0].shape)} (eval view, no augmentation)",
                   flush=True)
@@ -182,7 +157,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
                                             (d.train_shards, "data.train_shards"), (d.val_shards, "data.val_shards"),
                                             (init_path, "linprobe.init (the backbone to probe)")],
                             "linprobe.output_dir")
-    train_fl, val_fl = _lists(cfg)
+    train_fl, val_fl = labelled_lists(cfg, "linear probing")
     num_classes = lp.num_classes or max(train_fl.num_classes, val_fl.num_classes)
     ds = probe_ds_config(ds_config, dist)
     vit, init_desc = load_backbone(cfg, dist)
@@ -231,7 +206,7 @@ def build_trainer(cfg: RunConfig, ds_config: str, dist: DistInfo) -> tuple[Train
             f, y = feats["val"]
             return FeatureEvalLoader(f, y, batch_size=trainer.micro_batch, shard_id=dist.rank,
                                      num_shards=dist.world_size, device=dist.device)
-        return _eval_images(cfg, val_fl, trainer.micro_batch, dist)
+        return eval_view_loader(cfg, val_fl, trainer.micro_batch, dist)
 
     def micro_step(engine, batch: dict) -> dict[str, torch.Tensor]:
         logits = engine(to_device(batch["images"], dist.device)).float()
