@@ -167,3 +167,16 @@ def test_probe_pools_are_the_knn_features():
     assert torch.allclose(mean, tokens[:, 1:].mean(1), atol=1e-6) and torch.allclose(cls, tokens[:, 0], atol=1e-6)
     assert not torch.allclose(mean, cls, atol=1e-3)
     assert torch.equal(mean, pooled_features(vit, images, "mean"))
+
+
+def test_feature_caches_of_the_pooling_bug_are_not_reused(tmp_path):
+    """Format /1 caches may hold [CLS] features labelled pool 'mean': extracted again, never loaded."""
+    from mapet_ds.engine import feature_cache as fc
+
+    sig = {"pool": "mean", "init": "run"}
+    fc.save_cache(tmp_path / "features.pt", sig, {"train": (torch.ones(2, 3), torch.zeros(2, dtype=torch.int64))})
+    assert fc.load_cache(tmp_path / "features.pt", sig)["train_feats"].shape == (2, 3)
+    data = torch.load(tmp_path / "features.pt", weights_only=True)
+    data["format"] = "mapet_ds.linprobe_features/1"
+    torch.save(data, tmp_path / "features.pt")
+    assert fc.load_cache(tmp_path / "features.pt", sig) is None

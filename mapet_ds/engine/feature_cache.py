@@ -23,7 +23,8 @@ from mapet_ds.filelist import shard_indices
 from mapet_ds.safe_io import atomic_write
 from mapet_ds.transfer import to_device
 
-CACHE_FORMAT = "mapet_ds.linprobe_features/1"
+# /2: caches written before 096e4e1 hold [CLS] features under pool "mean" (the pooling bug); never reuse them
+CACHE_FORMAT = "mapet_ds.linprobe_features/2"
 
 
 def _gather_rows(t: torch.Tensor) -> torch.Tensor:
