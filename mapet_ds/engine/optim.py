@@ -66,15 +66,14 @@ class Schedule:
         warm = optim.warmup_steps if optim.warmup_steps is not None else int(round(optim.warmup_epochs * steps_per_epoch))
         self.warmup_steps = min(warm, self.total_steps - 1)
         self.optimizer = optimizer
-        self.lr_sched = CosineLRScheduler(
-            optimizer,
-            t_initial=self.total_steps - self.warmup_steps,
-            lr_min=optim.min_lr,
-            warmup_t=self.warmup_steps,
-            warmup_lr_init=optim.warmup_lr,
-            warmup_prefix=True,
-            t_in_epochs=False,
-        )
+        self.lr_sched = self.lr_scheduler(optimizer, t_initial=self.total_steps - self.warmup_steps,
+                                          lr_min=optim.min_lr, warmup_t=self.warmup_steps,
+                                          warmup_lr_init=optim.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+
+    def lr_scheduler(self, optimizer: torch.optim.Optimizer, **common):
+        """The timm per-step lr scheduler after the warmup prefix (``common``: its shared arguments);
+        a subclass swaps the decay here (timm schedulers set the lr on creation: make only one)."""
+        return CosineLRScheduler(optimizer, **common)
 
     def weight_decay_at(self, step: int) -> float:
         start = self.optim.weight_decay

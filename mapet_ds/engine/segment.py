@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from timm.scheduler import PolyLRScheduler
 
-from mapet_ds.config import ConfigError, OptimConfig, RunConfig, load_config
+from mapet_ds.config import ConfigError, RunConfig, load_config
 from mapet_ds.engine.cli import check_run_dir, job_parser, run_job
 from mapet_ds.engine.dist import DistInfo, init_distributed
 from mapet_ds.engine.optim import Schedule
@@ -35,17 +35,12 @@ from mapet_ds.transfer import to_device
 
 class PolySchedule(Schedule):
     """Schedule with timm's ``PolyLRScheduler`` (mmseg 'poly', power 1, min_lr) after the
-    linear warmup prefix, instead of the cosine; weight decay handling is Schedule's."""
+    linear warmup prefix, instead of the cosine; warmup and weight decay are Schedule's."""
 
-    def __init__(self, optimizer, optim: OptimConfig, total_steps: int, steps_per_epoch: int, power: float = 1.0):
-        # Schedule.__init__ minus its cosine scheduler (timm schedulers set the lr on creation)
-        self.optim, self.optimizer = optim, optimizer
-        self.total_steps = max(1, total_steps)
-        warm = optim.warmup_steps if optim.warmup_steps is not None else int(round(optim.warmup_epochs * steps_per_epoch))
-        self.warmup_steps = min(warm, self.total_steps - 1)
-        self.lr_sched = PolyLRScheduler(optimizer, t_initial=self.total_steps - self.warmup_steps, power=power,
-                                        lr_min=optim.min_lr, warmup_t=self.warmup_steps,
-                                        warmup_lr_init=optim.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+    power = 1.0
+
+    def lr_scheduler(self, optimizer, **common):
+        return PolyLRScheduler(optimizer, power=self.power, **common)
 
 
 def _ce(logits: torch.Tensor, masks: torch.Tensor, ignore: int) -> torch.Tensor:
